@@ -1,0 +1,91 @@
+"""Training examples and the order they are visited in.
+
+An `Example` is one training image after encoding: its latent(s) and conditioning(s). Several
+*variants* can be cached per image (the h-flipped latent, shuffled captions), and each visit picks
+one, so augmentations cost one encode per variant instead of one per step.
+
+Repeats follow kohya: an image in a folder named `10_name` is visited 10 times per epoch.
+
+Batches are made inside buckets (examples whose latents have the same shape), because latents of
+different aspect ratios cannot be stacked. The order is a pure function of (seed, epoch), so a
+resumed run visits exactly the batches an uninterrupted one would.
+
+Public API:
+    Example(latents, conds, repeats=1, name="")
+    epoch_batches(examples, batch_size, seed, epoch) -> list[list[int]]
+    batches_per_epoch(examples, batch_size) -> int
+    collate(examples, picks) -> (latents [B,...], list of conds)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass
+class Example:
+    latents: list[torch.Tensor]  # variants, each [C, H, W] (or [C, T, H, W])
+    conds: list[Any]  # variants of the conditioning; the model adapter knows their structure
+    repeats: int = 1
+    name: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.latents or not self.conds:
+            raise ConfigError("dataset", f"example {self.name or '?'} has no latent or no conditioning.")
+        shapes = {tuple(l.shape) for l in self.latents}
+        if len(shapes) != 1:
+            raise ConfigError("dataset", f"example {self.name}: latent variants differ in shape {sorted(shapes)}.")
+        if self.repeats < 1:
+            raise ConfigError("repeats", f"example {self.name}: repeats must be >= 1, got {self.repeats}.")
+
+    @property
+    def bucket(self) -> tuple[int, ...]:
+        return tuple(self.latents[0].shape)
+
+
+def _buckets(examples: list[Example]) -> dict[tuple[int, ...], list[int]]:
+    buckets: dict[tuple[int, ...], list[int]] = {}
+    for i, ex in enumerate(examples):
+        buckets.setdefault(ex.bucket, []).extend([i] * ex.repeats)
+    return buckets
+
+
+def batches_per_epoch(examples: list[Example], batch_size: int) -> int:
+    # Ragged last batches of each bucket are kept (a smaller batch), never dropped: with 8 images
+    # dropping would lose data every epoch.
+    return sum(-(-len(idx) // batch_size) for idx in _buckets(examples).values())
+
+
+def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of example indices for one epoch; deterministic in (seed, epoch)."""
+    if batch_size < 1:
+        raise ConfigError("batch_size", f"must be >= 1, got {batch_size}.")
+    g = torch.Generator().manual_seed(_mix(seed, epoch, 0x5EED))
+    batches: list[list[int]] = []
+    for key in sorted(_buckets(examples)):
+        idx = _buckets(examples)[key]
+        order = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
+        batches.extend(order[i : i + batch_size] for i in range(0, len(order), batch_size))
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]
+
+
+def collate(examples: list[Example], indices: list[int], picks: list[int]) -> tuple[torch.Tensor, list[Any]]:
+    """Stacks the chosen variant of each example's latent; conds are returned as a list for the adapter."""
+    latents = torch.stack([examples[i].latents[p % len(examples[i].latents)] for i, p in zip(indices, picks)])
+    conds = [examples[i].conds[p % len(examples[i].conds)] for i, p in zip(indices, picks)]
+    return latents, conds
+
+
+def _mix(*values: int) -> int:
+    """A stable 63-bit seed from several integers (Python's hash() is salted per process)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h ^= (int(v) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
+    return h & 0x7FFFFFFFFFFFFFFF

@@ -1,0 +1,450 @@
+"""The LoRA file: kohya-format safetensors with sd-scripts-compatible metadata.
+
+The in-memory LoRA is a plain dict of tensors in kohya layout. For every adapted module ``NAME``
+(e.g. ``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``):
+
+    NAME.lora_down.weight   [rank, in]          or [rank, in, kh, kw] for a conv
+    NAME.lora_up.weight     [out, rank]         or [out, rank, 1, 1]
+    NAME.alpha              0-dim; loaders apply scale = alpha / rank
+
+This is the layout ComfyUI, A1111/Forge and diffusers all read, so it is the only one written.
+Files are read and written with safetensors only: nothing here unpickles anything.
+
+Public API:
+    save_lora(path, weights, metadata, dtype=None) -> None
+        Validate and write atomically (temp file + fsync + rename): a crash or a full disk never
+        leaves a half-written file at `path`, and a previous file there stays as it was.
+    load_lora(path) -> (weights, metadata)
+        Read and validate a kohya-format file; a missing alpha is filled with alpha = rank.
+    build_metadata(*, base_model, output_name, rank, alpha, ...) -> dict[str, str]
+        The ``ss_*`` and ``modelspec.*`` header keys other tools look for.
+    weights_hash(weights) -> str
+        Deterministic sha256 of the tensors (names, dtypes, shapes, bytes).
+    lora_modules(weights) -> dict[str, tuple[int, float]]
+        Module name -> (rank, alpha).
+    check_compatible(weights, expected_names, family) -> None
+        Refuse a LoRA whose modules do not belong to the model being trained.
+
+Errors meant for the user are `LoRALabError` (or `ConfigError` for a bad argument value).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as _safetensors_bytes
+
+from .errors import ConfigError, LoRALabError
+
+DOWN = ".lora_down.weight"
+UP = ".lora_up.weight"
+ALPHA = ".alpha"
+_PARTS = ((DOWN, "down"), (UP, "up"), (ALPHA, "alpha"))
+
+SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# base_model -> (ss_base_model_version, modelspec architecture, modelspec implementation), the
+# values sd-scripts writes. A1111 tells SDXL LoRAs apart by the "sdxl_" prefix of the version.
+_BASE_MODELS = {
+    "sd15": ("sd_v1", "stable-diffusion-v1", "diffusers"),
+    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base",
+             "https://github.com/Stability-AI/generative-models"),
+    "flux": ("flux1", "flux-1-dev", "https://github.com/black-forest-labs/flux"),
+}
+_FAMILY_LABELS = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux"}
+
+_WRITE_CHUNK = 16 * 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------
+# structure checks shared by save and load
+
+
+def _split_modules(weights: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group kohya keys by module name; refuse keys that are not lora_down/lora_up/alpha."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in weights.items():
+        for suffix, part in _PARTS:
+            if key.endswith(suffix) and len(key) > len(suffix):
+                modules.setdefault(key[: -len(suffix)], {})[part] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:3])
+        raise LoRALabError(
+            f"{len(unknown)} tensor(s) are not kohya LoRA weights (e.g. {shown}). LoRA Lab reads and "
+            "writes only NAME.lora_down.weight / NAME.lora_up.weight / NAME.alpha; LoCon/LoHa/LoKr "
+            "or diffusers-format files are not supported. Use a plain kohya-format LoRA."
+        )
+    if not modules:
+        raise LoRALabError("The LoRA holds no modules (no lora_down/lora_up weights); nothing to use.")
+    return modules
+
+
+def _module_rank(name: str, parts: Mapping[str, torch.Tensor]) -> int:
+    """Check that `name` has both halves with matching shapes; return its rank."""
+    missing = [p for p in ("down", "up") if p not in parts]
+    if missing:
+        # Every loader indexes both halves; a lone half crashes them instead of being skipped.
+        raise LoRALabError(
+            f"Module '{name}' has no lora_{missing[0]}.weight, only its other half. A LoRA module "
+            "needs both lora_up and lora_down; the file is damaged or not a kohya LoRA."
+        )
+    down, up = parts["down"], parts["up"]
+    if down.ndim not in (2, 4) or up.ndim != down.ndim:
+        raise LoRALabError(
+            f"Module '{name}': lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} must both "
+            "be 2-D (linear) or both 4-D (conv)."
+        )
+    rank = int(down.shape[0])
+    if up.shape[1] != rank or rank == 0:
+        raise LoRALabError(
+            f"Module '{name}': lora_down has rank {rank} (shape {tuple(down.shape)}) but lora_up "
+            f"expects rank {int(up.shape[1])} (shape {tuple(up.shape)}); the halves do not belong together."
+        )
+    if "alpha" in parts and parts["alpha"].numel() != 1:
+        raise LoRALabError(
+            f"Module '{name}': alpha must be a single number, got shape {tuple(parts['alpha'].shape)}."
+        )
+    return rank
+
+
+def _require_finite(name: str, part: str, tensor: torch.Tensor, note: str = "") -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise LoRALabError(
+            f"Module '{name}': {part} contains NaN or infinite values{note}. Refusing to write a "
+            "LoRA that would break every image it is applied to; keep the last good save instead."
+        )
+
+
+def _safetensors_path(path: str | os.PathLike, action: str) -> Path:
+    p = Path(path)
+    if p.suffix.lower() != ".safetensors":
+        raise LoRALabError(
+            f"Can only {action} .safetensors LoRA files, got '{p.name}'. Other formats (.ckpt, .pt, "
+            ".bin) can run code when opened; convert the file to .safetensors first."
+        )
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# saving
+
+
+def save_lora(
+    path: str | os.PathLike,
+    weights: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Validate `weights` and write them with `metadata` to `path` atomically.
+
+    - Every module must have lora_down, lora_up (matching ranks) and alpha; a lone half or a
+      missing alpha is refused with a `LoRALabError` naming the module.
+    - lora_up/lora_down are cast to `dtype` (float32, float16 or bfloat16; None keeps theirs).
+      alpha is always written as a 0-dim float32: low-precision dtypes would round an alpha such
+      as 0.3 and silently change the scale alpha/rank; every loader reads it with `.item()`.
+    - Non-finite values (including fp16 overflow from the cast) are refused, naming the module.
+    - ``sshs_model_hash`` is (re)computed from the tensors exactly as written, so the hash always
+      describes the file; all other metadata is written as given and must be str -> str.
+    - Parent folders are created. The data goes to a hidden temp file in the same folder, is
+      flushed and fsynced, then renamed over `path`; on any error the temp file is removed and
+      a previous file at `path` is left untouched.
+    """
+    target = _safetensors_path(path, "save")
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise ConfigError(
+            "save_dtype", f"expected one of fp32, fp16, bf16, got {dtype}; pick one of those."
+        )
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise LoRALabError(
+                f"Metadata entry {key!r} must map a string to a string (got {type(value).__name__}); "
+                "convert it with str() or json.dumps()."
+            )
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, parts in sorted(_split_modules(weights).items()):
+        _module_rank(name, parts)
+        if "alpha" not in parts:
+            raise LoRALabError(
+                f"Module '{name}' has no alpha. Without it loaders use scale 1.0 instead of "
+                "alpha/rank and the LoRA looks different than in training; pass its alpha."
+            )
+        for suffix, part in ((DOWN, "down"), (UP, "up")):
+            src = parts[part]
+            if not src.is_floating_point():
+                raise LoRALabError(f"Module '{name}': lora_{part} must be a float tensor, got {src.dtype}.")
+            # copy=True: the written tensor must not share memory with a live training parameter.
+            out = src.detach().to(device="cpu", dtype=dtype or src.dtype, copy=True).contiguous()
+            overflow = ""
+            if dtype is not None and bool(torch.isfinite(src).all()):
+                overflow = f" after casting to {dtype} (too large for it; save in bf16 or fp32)"
+            _require_finite(name, f"lora_{part}", out, overflow)
+            tensors[name + suffix] = out
+        alpha = parts["alpha"].detach().to(device="cpu", dtype=torch.float32, copy=True).reshape(())
+        _require_finite(name, "alpha", alpha)
+        tensors[name + ALPHA] = alpha
+
+    header = dict(metadata)
+    header["sshs_model_hash"] = weights_hash(tensors)
+    _atomic_write(target, _safetensors_bytes(tensors, header))
+
+
+def _write_all(fileobj, data: bytes) -> None:
+    """Write `data` in chunks (kept separate so a failure midway can be simulated in tests)."""
+    view = memoryview(data)
+    for start in range(0, len(view), _WRITE_CHUNK):
+        fileobj.write(view[start : start + _WRITE_CHUNK])
+
+
+def _atomic_write(target: Path, data: bytes) -> None:
+    folder = target.parent
+    tmp = folder / f".{target.name}.tmp-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            _write_all(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        # os.replace is atomic on POSIX and Windows: readers see the old file or the new one.
+        os.replace(tmp, target)
+    except BaseException as exc:
+        # BaseException too: a cancel (KeyboardInterrupt, ComfyUI's interrupt) must not leave debris.
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        if isinstance(exc, OSError):
+            raise LoRALabError(
+                f"Could not write the LoRA to '{target}': {exc}. Check that the folder is writable "
+                "and the disk has free space; any previous file there is unchanged."
+            ) from exc
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    # Makes the rename itself durable on POSIX; Windows cannot open folders, and the file is
+    # already complete either way, so this is best effort.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# loading and inspecting
+
+
+def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a kohya-format LoRA from a .safetensors file; return (weights, metadata).
+
+    Only .safetensors is accepted. Modules are validated (both halves present, ranks match, finite
+    values) and a `LoRALabError` names the first bad one. A module without alpha is loaded with
+    alpha = rank, i.e. scale 1.0 — what ComfyUI, A1111 and diffusers do with such files — so the
+    LoRA keeps the strength it had. Tensors come back on the CPU in their stored dtype (alpha as
+    a 0-dim float32). Missing metadata gives an empty dict.
+    """
+    source = _safetensors_path(path, "load")
+    if not source.is_file():
+        raise LoRALabError(f"LoRA file '{source}' does not exist; check the name and folder.")
+    try:
+        with safe_open(str(source), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            weights = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise LoRALabError(
+            f"'{source.name}' is not a readable safetensors file ({exc}); it may be damaged or an "
+            "incomplete download."
+        ) from exc
+
+    for name, parts in _split_modules(weights).items():
+        rank = _module_rank(name, parts)
+        for suffix, part in _PARTS:
+            if part in parts:
+                _require_finite(name, suffix.lstrip("."), parts[part])
+        if "alpha" in parts:
+            weights[name + ALPHA] = parts["alpha"].to(torch.float32).reshape(())
+        else:
+            weights[name + ALPHA] = torch.tensor(float(rank), dtype=torch.float32)
+    return weights, metadata
+
+
+def lora_modules(weights: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, float]]:
+    """Module name -> (rank, alpha); a module without alpha reports alpha = rank (scale 1.0)."""
+    result = {}
+    for name, parts in sorted(_split_modules(weights).items()):
+        rank = _module_rank(name, parts)
+        alpha = float(parts["alpha"].reshape(()).item()) if "alpha" in parts else float(rank)
+        result[name] = (rank, alpha)
+    return result
+
+
+def _guess_family(names: set[str]) -> str | None:
+    """Best guess of the model a set of kohya module names was trained on (for messages only)."""
+    if any(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te3_")) for n in names):
+        return "flux"
+    if any(n.startswith("lora_te2_") for n in names):
+        return "sdxl"
+    if any(n.startswith(("lora_te_", "lora_unet_down_blocks_", "lora_unet_up_blocks_")) for n in names):
+        return "sd15"
+    return None
+
+
+def check_compatible(weights: Mapping[str, torch.Tensor], expected_names: set[str], family: str) -> None:
+    """Raise a `LoRALabError` unless every module in `weights` is one of `expected_names`.
+
+    `expected_names` are the kohya module names the current model and targets produce; `family`
+    is "sd15", "sdxl" or "flux" (any other text is shown as is). A file covering only part of the
+    expected modules is fine (e.g. trained without the text encoder); a module the model lacks
+    would be silently dropped, so it is refused. The message says how many modules matched and
+    shows a few names from each side.
+    """
+    names = set(lora_modules(weights))
+    unknown = sorted(names - set(expected_names))
+    if not unknown:
+        return
+    label = _FAMILY_LABELS.get(family, family)
+    matched = len(names) - len(unknown)
+    file_examples = ", ".join(unknown[:3])
+    model_examples = ", ".join(sorted(set(expected_names) - names)[:3] or sorted(expected_names)[:3])
+    head = (
+        f"This LoRA does not fit the {label} model: {matched} of its {len(names)} modules match "
+        f"(in the file, not in the model: {file_examples}; the model has e.g.: {model_examples or 'nothing'})."
+    )
+    if matched == 0:
+        guess = _guess_family(names)
+        hint = f" It looks like a {_FAMILY_LABELS[guess]} LoRA." if guess and guess != family else ""
+        raise LoRALabError(f"{head}{hint} Pick a LoRA trained for {label}, or start a new one.")
+    raise LoRALabError(
+        f"{head} Pick a LoRA trained for {label}; if it is one, it adapts layers this training does "
+        "not target (e.g. the text encoder or conv layers), so enable the same targets as when it was trained."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# metadata
+
+
+def weights_hash(weights: Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) over the tensors in sorted key order: name, dtype, shape and raw bytes.
+
+    Same tensors -> same hash on any machine; changing any value, dtype or shape changes it.
+    (sd-scripts hashes the file's data section instead; tools only display this value.)
+    """
+    digest = hashlib.sha256()
+    for key in sorted(weights):
+        t = weights[key].detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
+        # Length-prefixed fields so that no two different inputs produce the same byte stream.
+        for field in (key.encode(), str(t.dtype).encode(), json.dumps(list(t.shape)).encode(), raw):
+            digest.update(len(field).to_bytes(8, "little"))
+            digest.update(field)
+    return digest.hexdigest()
+
+
+def _metadata_str(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def build_metadata(
+    *,
+    base_model: str,
+    output_name: str,
+    rank: int,
+    alpha: float,
+    conv_rank: int = 0,
+    conv_alpha: float = 0,
+    learning_rate: float,
+    text_encoder_lr: float | None,
+    steps: int,
+    epochs: int | None,
+    started_at: float,
+    optimizer: str,
+    scheduler: str,
+    extra: Mapping | None = None,
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> dict[str, str]:
+    """Header metadata as sd-scripts writes it, all values strings.
+
+    Written: ss_base_model_version ("sd_v1", "sdxl_base_v1-0", "flux1"), ss_output_name,
+    ss_network_module ("networks.lora"), ss_network_dim, ss_network_alpha, ss_network_args (JSON;
+    conv_dim/conv_alpha when conv_rank > 0, else "{}"), ss_learning_rate, ss_unet_lr,
+    ss_text_encoder_lr ("None" when the text encoder is not trained, as sd-scripts writes it),
+    ss_steps, ss_epoch ("0" when the run was counted in steps only), ss_training_started_at (unix
+    time), ss_optimizer, ss_lr_scheduler, ss_v2, and modelspec.sai_model_spec / architecture /
+    implementation / title / date (UTC ISO 8601 of `started_at`).
+
+    `extra` adds keys after these (and may override them): keys starting with "ss_",
+    "modelspec." or "lora_lab_" are kept, any other key gets a "lora_lab_" prefix (so
+    {"version": "0.1.0"} becomes lora_lab_version); non-string values are str()/JSON-encoded.
+    With `weights`, sshs_model_hash = weights_hash(weights); `save_lora` recomputes it from the
+    tensors as saved anyway.
+    """
+    if base_model not in _BASE_MODELS:
+        raise ConfigError("base_model", f"expected one of {', '.join(_BASE_MODELS)}, got {base_model!r}.")
+    if not isinstance(output_name, str) or not output_name.strip():
+        raise ConfigError("output_name", "must not be empty; give the LoRA a file name.")
+    if int(rank) < 1:
+        raise ConfigError("rank", f"must be at least 1, got {rank}.")
+    if int(conv_rank) < 0:
+        raise ConfigError("conv_rank", f"must be 0 (no conv layers) or more, got {conv_rank}.")
+
+    version, architecture, implementation = _BASE_MODELS[base_model]
+    network_args = {}
+    if conv_rank > 0:
+        # sd-scripts records network args as the strings given on its command line.
+        network_args = {"conv_dim": str(int(conv_rank)), "conv_alpha": str(float(conv_alpha))}
+
+    metadata = {
+        "ss_base_model_version": version,
+        "ss_output_name": output_name,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(rank)),
+        "ss_network_alpha": str(float(alpha)),
+        "ss_network_args": json.dumps(network_args),
+        "ss_learning_rate": str(float(learning_rate)),
+        "ss_unet_lr": str(float(learning_rate)),
+        "ss_text_encoder_lr": "None" if text_encoder_lr is None else str(float(text_encoder_lr)),
+        "ss_steps": str(int(steps)),
+        "ss_epoch": str(int(epochs)) if epochs is not None else "0",
+        "ss_training_started_at": str(float(started_at)),
+        "ss_optimizer": str(optimizer),
+        "ss_lr_scheduler": str(scheduler),
+        "ss_v2": "False",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": implementation,
+        "modelspec.title": output_name,
+        "modelspec.date": datetime.datetime.fromtimestamp(
+            float(started_at), tz=datetime.timezone.utc
+        ).isoformat(timespec="seconds"),
+    }
+    for key, value in (extra or {}).items():
+        key = str(key)
+        if not key.startswith(("ss_", "modelspec.", "lora_lab_")):
+            key = "lora_lab_" + key
+        metadata[key] = _metadata_str(value)
+    if weights is not None:
+        metadata["sshs_model_hash"] = weights_hash(weights)
+    return metadata

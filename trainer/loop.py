@@ -1,0 +1,401 @@
+"""The training loop: one `Session` per LoRA being trained, run in as many pieces as the user likes.
+
+Read `Session._train_step` top to bottom: draw a batch, draw noise levels and noise, denoise
+through the model with the LoRA applied, weigh the loss, step the optimizer, guard against NaN.
+
+Everything random in a step is derived from (seed, step, micro-batch), never from a running
+generator, so stopping after step k and resuming gives exactly the loss sequence of an
+uninterrupted run, and two runs with the same seed are identical.
+
+The model is reached through the `Denoiser` protocol (ComfyUI's adapter implements it; the tests use
+a toy): it maps a uniform draw u to a noise level sigma, builds the noisy input, and returns the
+model's denoised estimate x0_hat.
+
+Public API:
+    TrainConfig                 steps/epochs, batch, accumulation, seed, validation, NaN guard
+    Denoiser                    protocol the model adapter implements
+    StepInfo                    what callbacks receive after every optimizer step
+    Session(denoiser, examples, network, optimizer=..., schedule=..., precision=..., objective=..., train=...)
+        .run(until_step=None, callback=None) -> History   (callback may raise to interrupt)
+        .step, .total_steps, .history, .diagnosis()
+        .state_dict() -> (tensors, meta)  /  .load_state_dict(tensors, meta)   resume, no pickle
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .data import Example, _mix, batches_per_epoch, collate, epoch_batches
+from .errors import ConfigError, LoRALabError, TrainingError
+from .monitor import Diagnosis, History, diagnose, fixed_validation_plan, split_validation
+from .network import LoRANetwork
+from .objective import ObjectiveConfig, add_noise_offset, per_sample_loss, sample_u, validate_for_prediction
+from .optimizers import OptimizerConfig, build_optimizer
+from .precision import PrecisionConfig, autocast, make_loss_scaler, optimizer_step
+from .schedule import ScheduleConfig, lr_multiplier
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps; 0 = derive from epochs
+    epochs: int = 0  # used when steps == 0: epochs x (images x repeats / batch / accumulation)
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    seed: int = 42
+    validation_split: float = 0.0  # fraction of images held out for validation loss
+    validation_every: int = 0  # optimizer steps between validation passes; 0 = 10 passes per run
+    max_bad_steps: int = 5  # consecutive non-finite steps before training stops
+    lr_backoff: float = 0.5  # LR factor applied after each non-finite step
+    snapshot_every: int = 20  # good steps between in-memory snapshots used to roll back after NaN
+
+    def __post_init__(self):
+        def whole(field, value, lo, hint):
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+                raise ConfigError(field, f"must be a whole number >= {lo}, got {value!r}; {hint}")
+
+        whole("steps", self.steps, 0, "set the number of optimizer steps, or 0 to train by epochs.")
+        whole("epochs", self.epochs, 0, "set epochs, or 0 to train by steps.")
+        if self.steps == 0 and self.epochs == 0:
+            raise ConfigError("steps", "steps and epochs are both 0: set one of them (e.g. steps 1000, or epochs 10).")
+        whole("batch_size", self.batch_size, 1, "1-4 is typical on consumer GPUs.")
+        whole("gradient_accumulation", self.gradient_accumulation, 1, "1 = update every batch.")
+        whole("seed", self.seed, 0, "any non-negative number.")
+        whole("validation_every", self.validation_every, 0, "0 = automatic.")
+        whole("max_bad_steps", self.max_bad_steps, 1, "5 is a sensible default.")
+        whole("snapshot_every", self.snapshot_every, 1, "20 is a sensible default.")
+        if not 0.0 <= self.validation_split < 0.5:
+            raise ConfigError("validation_split", f"must be in [0, 0.5), got {self.validation_split!r}; 0.1 holds out 10% of the images.")
+        if not 0.0 < self.lr_backoff <= 1.0:
+            raise ConfigError("lr_backoff", f"must be in (0, 1], got {self.lr_backoff!r}.")
+
+
+class Denoiser(Protocol):
+    prediction: str  # "eps", "v" or "flow"
+    device: torch.device
+
+    def sigma_from_u(self, u: torch.Tensor) -> torch.Tensor: ...
+
+    def noise_input(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor: ...
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, conds: list[Any]) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    step: int  # optimizer steps done, after this one
+    total_steps: int
+    loss: float  # mean loss of this step (nan if skipped for a non-finite loss)
+    lr: float  # unet group lr used for this step
+    skipped: bool
+    grad_norm: float
+    seconds_per_step: float
+    eta_seconds: float
+    epoch: int
+
+
+class Session:
+    """One LoRA training: model adapter, data, network, optimizer and all the state to resume."""
+
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        examples: list[Example],
+        network: LoRANetwork,
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        schedule: ScheduleConfig = ScheduleConfig(),
+        precision: PrecisionConfig = PrecisionConfig(),
+        objective: ObjectiveConfig = ObjectiveConfig(),
+        train: TrainConfig = TrainConfig(),
+    ):
+        if not examples:
+            raise ConfigError("dataset", "the dataset is empty: add images (with .txt captions) to the folder.")
+        validate_for_prediction(objective, denoiser.prediction)
+        self.denoiser, self.network = denoiser, network
+        self.optimizer_config, self.schedule, self.precision = optimizer, schedule, precision
+        self.objective, self.train = objective, train
+        train_idx, val_idx = (
+            split_validation(len(examples), train.validation_split, train.seed)
+            if train.validation_split > 0
+            else (list(range(len(examples))), [])
+        )
+        self.examples = [examples[i] for i in train_idx]
+        self.val_examples = [examples[i] for i in val_idx]
+        self.val_plan = fixed_validation_plan(len(self.val_examples), train.seed) if self.val_examples else []
+        images = sum(ex.repeats for ex in self.examples)
+        if train.batch_size > images:
+            raise ConfigError(
+                "batch_size",
+                f"{train.batch_size} is larger than the dataset ({images} images x repeats after the validation split); "
+                f"use batch_size <= {images} or add images.",
+            )
+        self.batches_per_epoch = batches_per_epoch(self.examples, train.batch_size)
+        network.to(denoiser.device)
+        self.params = [p for p in network.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(optimizer, network.param_groups(), denoiser.device)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.scaler = make_loss_scaler(precision)  # None unless fp16
+        self.history = History()
+        self.step = 0
+        self.lr_scale = 1.0
+        self.bad_streak = 0
+        self._snapshot = self._take_snapshot()
+        self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    # ---- sizes -------------------------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, -(-self.batches_per_epoch // self.train.gradient_accumulation))
+
+    @property
+    def total_steps(self) -> int:
+        return self.train.steps or self.train.epochs * self.steps_per_epoch
+
+    def epoch_of(self, step: int) -> int:
+        return (step * self.train.gradient_accumulation) // self.batches_per_epoch
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def run(self, until_step: int | None = None, callback: Callable[[StepInfo], None] | None = None) -> History:
+        """Trains until `until_step` (default: the configured total). Resumable at any point.
+
+        `callback` runs after every optimizer step, once the state is consistent, so a callback
+        that raises (ComfyUI's Cancel) leaves a session that continues exactly where it stopped.
+        """
+        until = self.total_steps if until_step is None else until_step
+        total = max(until, self.total_steps)
+        validate_every = self.train.validation_every or max(1, total // 10)
+        started, started_step = time.perf_counter(), self.step
+        if self.val_examples and not self.history.val_step:
+            self.history.record_validation(self.step, self.validation_loss())
+        while self.step < until:
+            loss, result = self._train_step(total)
+            elapsed = time.perf_counter() - started
+            per_step = elapsed / (self.step - started_step)
+            if self.val_examples and (self.step % validate_every == 0 or self.step == until):
+                self.history.record_validation(self.step, self.validation_loss())
+            if callback:
+                callback(
+                    StepInfo(
+                        step=self.step,
+                        total_steps=total,
+                        loss=loss,
+                        lr=self.history.lr[-1] if self.history.lr else self._lr(total, self.step - 1)[0],
+                        skipped=result.skipped,
+                        grad_norm=result.grad_norm,
+                        seconds_per_step=per_step,
+                        eta_seconds=per_step * (until - self.step),
+                        epoch=self.epoch_of(self.step - 1),
+                    )
+                )
+        return self.history
+
+    def _lr(self, total: int, step: int) -> list[float]:
+        m = lr_multiplier(self.schedule, min(step, total - 1), total) * self.lr_scale
+        return [base * m for base in self.base_lrs]
+
+    def _batch(self, micro: int) -> list[int]:
+        epoch, pos = divmod(micro, self.batches_per_epoch)
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, epoch_batches(self.examples, self.train.batch_size, self.train.seed, epoch))
+        return self._epoch_cache[1][pos]
+
+    def _forward_loss(self, examples: list[Example], indices: list[int], g: torch.Generator, u: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+        """Per-sample loss of one batch; all randomness comes from `g` (and `seed` for dropout)."""
+        device = self.denoiser.device
+        picks = torch.randint(0, 1 << 30, (len(indices),), generator=g).tolist()
+        x0, conds = collate(examples, indices, picks)
+        x0 = x0.to(device, torch.float32)
+        if u is None:
+            u = sample_u(self.objective, len(indices), g, "cpu")
+        sigma = self.denoiser.sigma_from_u(u.to(device))
+        noise = torch.randn(x0.shape, generator=g)
+        if self.objective.noise_offset > 0:
+            noise = add_noise_offset(noise, self.objective.noise_offset, g)
+        x = self.denoiser.noise_input(x0, noise.to(device), sigma)
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # LoRA dropout draws from the global RNG
+            torch.manual_seed(seed)
+            with autocast(self.precision, device), self.network.applied():
+                x0_hat = self.denoiser.denoise(x, sigma, conds)
+        return per_sample_loss(x0_hat.float(), x0, sigma, self.denoiser.prediction, self.objective)
+
+    def _train_step(self, total: int):
+        accum, step = self.train.gradient_accumulation, self.step
+        for group, lr in zip(self.optimizer.param_groups, self._lr(total, step)):
+            group["lr"] = lr
+        losses, finite = [], True
+        for k in range(accum):
+            g = torch.Generator().manual_seed(_mix(self.train.seed, step, k))
+            loss = self._forward_loss(self.examples, self._batch(step * accum + k), g, seed=_mix(self.train.seed, step, k, 1)).mean()
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                finite = False  # no backward: a NaN loss would only poison the gradients
+                continue
+            (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
+        if finite:
+            result = optimizer_step(self.optimizer, self.params, self.scaler, self.precision.max_grad_norm)
+            # With a finite loss, an fp16 gradient overflow is the loss scaler doing its job (it
+            # backs off and the step is skipped); only once the scale has collapsed is it a fault.
+            bad = result.skipped and (self.scaler is None or self.scaler.current_scale < 1.0)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            result = _Skipped()
+            bad = True
+        if not bad and not all(torch.isfinite(p).all() for p in self.params):
+            bad = True
+        mean_loss = sum(losses) / len(losses) if finite else float("nan")
+        self.step += 1
+        self.history.record(self.step, mean_loss, self.optimizer.param_groups[0]["lr"], self.epoch_of(step))
+        if bad:
+            self._on_bad_step()
+        else:
+            self.bad_streak = 0
+            if self.step % self.train.snapshot_every == 0:
+                self._snapshot = self._take_snapshot()
+        return mean_loss, result
+
+    def _on_bad_step(self) -> None:
+        """Roll back to the last good weights, lower the LR, and give up after too many in a row."""
+        self.bad_streak += 1
+        self._restore_snapshot(self._snapshot)
+        self.lr_scale *= self.train.lr_backoff
+        if self.bad_streak >= self.train.max_bad_steps:
+            raise TrainingError(
+                f"training stopped: {self.bad_streak} steps in a row gave a non-finite (NaN/inf) loss or gradient, "
+                f"even after rolling back to step {self._snapshot['step']} and lowering the LR to "
+                f"{self.lr_scale:g}x. Lower unet_lr (e.g. halve it), use bf16 or fp32 instead of fp16, "
+                "and check the dataset for broken images. The last good weights are kept; nothing with NaN is saved."
+            )
+
+    # ---- validation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self, examples: list[Example] | None = None, plan=None) -> float:
+        """Mean loss at fixed noise levels and fixed noise, so it is comparable across steps.
+
+        Defaults to the held-out split; pass other examples (and a plan from
+        `fixed_validation_plan`) to evaluate anything else the same way.
+        """
+        examples = self.val_examples if examples is None else examples
+        plan = (self.val_plan if examples is self.val_examples else fixed_validation_plan(len(examples), self.train.seed)) if plan is None else plan
+        was_training = self.network.training
+        self.network.eval()  # no LoRA dropout while measuring
+        try:
+            losses = []
+            for item, u, noise_seed in plan:
+                g = torch.Generator().manual_seed(noise_seed)
+                u_t = torch.tensor([u], dtype=torch.float32)
+                losses.append(self._forward_loss(examples, [item], g, u=u_t, seed=noise_seed).item())
+        finally:
+            self.network.train(was_training)
+        return sum(losses) / len(losses)
+
+    def diagnosis(self) -> Diagnosis:
+        return diagnose(self.history, self.total_steps)
+
+    # ---- state: snapshots for NaN rollback, and resume --------------------------------------------
+    def _take_snapshot(self) -> dict:
+        return {
+            "step": self.step,
+            "network": {k: v.detach().to("cpu", copy=True) for k, v in self.network.state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+        }
+
+    def _restore_snapshot(self, snap: dict) -> None:
+        self.network.load_state_dict(snap["network"])
+        self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Everything needed to resume, as safetensors-ready tensors + string metadata (no pickle)."""
+        tensors: dict[str, torch.Tensor] = {}
+        for k, v in self.network.state_dict().items():
+            tensors[f"network/{k}"] = v.detach().to("cpu").contiguous()
+        opt_tree = _flatten(self.optimizer.state_dict(), "optimizer", tensors)
+        meta = {
+            "step": self.step,
+            "lr_scale": self.lr_scale,
+            "bad_streak": self.bad_streak,
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "history": self.history.to_dict(),
+            "optimizer": opt_tree,
+            "config": {
+                "optimizer": asdict(self.optimizer_config),
+                "train": asdict(self.train),
+                "objective": asdict(self.objective),
+            },
+        }
+        return tensors, {"lora_lab_state": json.dumps(meta)}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        try:
+            meta = json.loads(metadata["lora_lab_state"])
+        except (KeyError, json.JSONDecodeError) as e:
+            raise LoRALabError(f"this file is not a LoRA Lab training state ({e}); start a new training instead.") from e
+        saved = meta["config"]["optimizer"]["name"]
+        if saved != self.optimizer_config.name:
+            raise LoRALabError(
+                f"the saved state was trained with optimizer {saved}, this session uses {self.optimizer_config.name}; "
+                "pick the same optimizer to continue, or restart the training."
+            )
+        net = {k[len("network/"):]: v for k, v in tensors.items() if k.startswith("network/")}
+        self.network.load_state_dict(net)
+        self.optimizer.load_state_dict(_unflatten(meta["optimizer"], tensors))
+        self.step = int(meta["step"])
+        self.lr_scale = float(meta["lr_scale"])
+        self.bad_streak = int(meta["bad_streak"])
+        if self.scaler and meta["scaler"]:
+            self.scaler.load_state_dict(meta["scaler"])
+        self.history = History.from_dict(meta["history"])
+        self._snapshot = self._take_snapshot()
+
+
+class _Skipped:
+    skipped, grad_norm, scale = True, float("nan"), 1.0
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _flatten(obj, path: str, tensors: dict[str, torch.Tensor]):
+    """A JSON tree where every tensor is replaced by {"__tensor__": key} into `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().to("cpu").contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_flatten(k, f"{path}/k{i}", tensors), _flatten(v, f"{path}/{i}", tensors)] for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_flatten(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_flatten(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise LoRALabError(f"cannot save optimizer state value of type {type(obj).__name__} at {path}.")
+
+
+def _unflatten(tree, tensors: dict[str, torch.Tensor]):
+    if isinstance(tree, dict):
+        if "__tensor__" in tree:
+            return tensors[tree["__tensor__"]]
+        if "__dict__" in tree:
+            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in tree["__dict__"]}
+        if "__tuple__" in tree:
+            return tuple(_unflatten(v, tensors) for v in tree["__tuple__"])
+        if "__float__" in tree:
+            return float(tree["__float__"])
+    if isinstance(tree, list):
+        return [_unflatten(v, tensors) for v in tree]
+    return tree

@@ -1,0 +1,264 @@
+"""LoRA modules and the network that attaches them to a base model without changing it.
+
+Math (per adapted module, Linear or Conv2d):
+
+    y = base(x) + strength * (alpha / rank) * up(down(dropout(x)))
+
+`down` starts with Kaiming-uniform weights and `up` with zeros, so at step 0 the adapted model
+computes exactly what the base model computes.
+
+Public API:
+    NetworkConfig          rank/alpha, conv rank/alpha, dropout, target preset, text-encoder switch
+    Target                 (kohya name, module, kind) — what to adapt; the model adapter builds these
+    find_targets(root, prefix, containers, ...)  -> list[Target]
+    kohya_name(prefix, path)                     -> "lora_unet_down_blocks_0_..."
+    LoRAModule(base, rank, alpha, dropout)       one adapter
+    LoRANetwork(targets, config)                 all adapters; `with network.applied(): ...`
+        .param_groups() -> {"unet": [...], "text_encoder": [...]}
+        .to_kohya(dtype) -> dict[str, Tensor]      (trainer.io writes it)
+        .load_kohya(weights)                        continue from a saved LoRA
+        .strength                                   user factor on top of alpha/rank
+
+Why hooks and not module replacement: ComfyUI's ModelPatcher.clone() shares the underlying
+modules between every graph that uses the same checkpoint. Replacing Linears in place (what
+`peft.inject_adapter_in_model` does) would change the model for every other node in the workflow,
+including the "original MODEL" the user compares against. Forward hooks registered only inside
+`applied()` touch the shared modules for the duration of our own forward pass and leave no trace;
+peft is therefore not used (its DoRA/config semantics are not needed for kohya-format LoRA).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .errors import ConfigError, LoRALabError
+
+# Which modules are adapted, by preset. Each preset filters the Linear / 1x1-conv leaves found
+# inside the model's "container" blocks (transformer blocks for UNets, attention/MLP for text
+# encoders, double/single stream blocks for Flux). 3x3 convs are adapted only with conv_rank > 0.
+TARGET_PRESETS = {
+    # sd-scripts' default: every Linear and 1x1 conv inside the transformer blocks.
+    "attn_mlp": None,
+    # Attention projections only: smaller files, weaker effect on style.
+    # Matched against the path inside the container (attn1.to_q, self_attn.q_proj, img_attn.qkv);
+    # Flux's single blocks fuse attention and MLP in one Linear, so they are left out here.
+    "attn_only": re.compile(r"attn|attention"),
+}
+
+KINDS = ("linear", "conv", "conv3x3")
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    rank: int = 16
+    alpha: float = 16.0
+    conv_rank: int = 0
+    conv_alpha: float = 1.0
+    dropout: float = 0.0
+    targets: str = "attn_mlp"
+    train_text_encoder: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.rank, int) or self.rank < 1 or self.rank > 1024:
+            raise ConfigError("rank", f"must be a whole number from 1 to 1024, got {self.rank!r}; 4-32 is typical (16 is a good start).")
+        if not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ConfigError("alpha", f"must be > 0, got {self.alpha!r}; strength scale is alpha/rank, so alpha = rank gives 1.0 and alpha = rank/2 gives 0.5.")
+        if not isinstance(self.conv_rank, int) or self.conv_rank < 0 or self.conv_rank > 1024:
+            raise ConfigError("conv_rank", f"must be 0 (3x3 convs not trained) or 1 to 1024, got {self.conv_rank!r}.")
+        if self.conv_rank and (not math.isfinite(self.conv_alpha) or self.conv_alpha <= 0):
+            raise ConfigError("conv_alpha", f"must be > 0 when conv_rank is set, got {self.conv_alpha!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout!r}; 0 (off) or 0.05-0.1 are usual.")
+        if self.targets not in TARGET_PRESETS:
+            raise ConfigError("targets", f"unknown preset {self.targets!r}; choose one of {', '.join(TARGET_PRESETS)}.")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class Target:
+    """One module to adapt. `name` is its kohya name (lora_unet_..., lora_te_...)."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "linear", "conv" (1x1) or "conv3x3" (any other kernel size)
+
+
+def kohya_name(prefix: str, path: str) -> str:
+    """`lora_unet` + `down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`."""
+    return f"{prefix}_{path.replace('.', '_')}"
+
+
+def module_kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv" if tuple(module.kernel_size) == (1, 1) else "conv3x3"
+    return None
+
+
+def find_targets(
+    root: nn.Module,
+    prefix: str,
+    containers: Iterable[str],
+    conv_containers: Iterable[str] = (),
+    config: NetworkConfig | None = None,
+    rename: Callable[[str], str | None] | None = None,
+) -> list[Target]:
+    """Leaves to adapt inside `root`.
+
+    containers: class names whose Linear / 1x1-conv leaves are adapted (e.g. "SpatialTransformer").
+    conv_containers: class names whose 3x3 convs are adapted when config.conv_rank > 0 ("ResBlock").
+    rename: maps a module path inside root to the path used in the kohya name (e.g. ComfyUI's LDM
+        path to the diffusers path sd-scripts writes for SD1.5); returning None skips the module.
+    """
+    config = config or NetworkConfig()
+    containers, conv_containers = set(containers), set(conv_containers)
+    pattern = TARGET_PRESETS[config.targets]
+    found: dict[str, Target] = {}
+    for cpath, container in root.named_modules():
+        cls = type(container).__name__
+        if cls not in containers and cls not in conv_containers:
+            continue
+        for lpath, leaf in container.named_modules():
+            kind = module_kind(leaf)
+            if kind is None:
+                continue
+            path = f"{cpath}.{lpath}" if cpath and lpath else (cpath or lpath)
+            wanted = (cls in containers and kind in ("linear", "conv")) or (
+                cls in conv_containers and kind == "conv3x3" and config.conv_rank > 0
+            )
+            if not wanted or (pattern is not None and kind != "conv3x3" and not pattern.search(lpath)):
+                continue
+            mapped = rename(path) if rename else path
+            if mapped is None:
+                continue
+            name = kohya_name(prefix, mapped)
+            found.setdefault(name, Target(name, leaf, kind))
+    return list(found.values())
+
+
+class LoRAModule(nn.Module):
+    """down/up pair for one base module. Weights are fp32 whatever the base dtype."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if isinstance(base, nn.Linear):
+            in_dim, out_dim = base.in_features, base.out_features
+            self.down = nn.Linear(in_dim, rank, bias=False)
+            self.up = nn.Linear(rank, out_dim, bias=False)
+        elif isinstance(base, nn.Conv2d):
+            in_dim, out_dim = base.in_channels, base.out_channels
+            self.down = nn.Conv2d(in_dim, rank, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)
+            self.up = nn.Conv2d(rank, out_dim, 1, bias=False)
+        else:
+            raise LoRALabError(f"cannot adapt a {type(base).__name__}: only Linear and Conv2d layers take a LoRA.")
+        if rank > min(in_dim, out_dim):
+            raise ConfigError("rank", f"{rank} is larger than a target layer's width ({in_dim}->{out_dim}); use rank <= {min(in_dim, out_dim)}.")
+        self.rank = rank
+        self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+
+    @property
+    def scale(self) -> float:
+        return float(self.alpha) / self.rank
+
+    def forward(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+        weight_dtype = self.down.weight.dtype
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(weight_dtype)
+        return self.up(self.down(self.dropout(x))) * (self.scale * strength)
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one training session, keyed by kohya name."""
+
+    def __init__(self, targets: list[Target], config: NetworkConfig):
+        super().__init__()
+        if not targets:
+            raise LoRALabError("no layers to train were found in this model: the target preset matched nothing.")
+        self.config = config
+        self.strength = 1.0
+        self.loras = nn.ModuleDict()
+        self._bases: dict[str, nn.Module] = {}
+        for t in targets:
+            rank, alpha = (config.conv_rank, config.conv_alpha) if t.kind == "conv3x3" else (config.rank, config.alpha)
+            self.loras[t.name] = LoRAModule(t.module, rank, alpha, config.dropout)
+            self._bases[t.name] = t.module
+        self._applied = False
+
+    def _hook(self, name: str):
+        lora = self.loras[name]
+
+        def hook(module, args, output):
+            return output + lora(args[0], self.strength).to(output.dtype)
+
+        return hook
+
+    @contextmanager
+    def applied(self) -> Iterator["LoRANetwork"]:
+        """Adds the LoRA to the base modules' outputs for the duration of the block only."""
+        if self._applied:
+            yield self
+            return
+        handles = [base.register_forward_hook(self._hook(name)) for name, base in self._bases.items()]
+        self._applied = True
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._applied = False
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups: dict[str, list[nn.Parameter]] = {"unet": [], "text_encoder": []}
+        for name, lora in self.loras.items():
+            groups["text_encoder" if name.startswith("lora_te") else "unet"].extend(lora.parameters())
+        return groups
+
+    def to_kohya(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Kohya layout: NAME.lora_down.weight, NAME.lora_up.weight, NAME.alpha (0-dim)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, lora in self.loras.items():
+            for part in ("down", "up"):
+                w = getattr(lora, part).weight.detach().to("cpu")
+                out[f"{name}.lora_{part}.weight"] = w.to(dtype) if dtype else w.clone()
+            out[f"{name}.alpha"] = lora.alpha.detach().to("cpu", torch.float32).clone()
+        return out
+
+    def load_kohya(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copies saved weights in; every module must be present with the same rank and shapes."""
+        missing = [n for n in self.loras if f"{n}.lora_down.weight" not in weights]
+        if missing:
+            raise LoRALabError(
+                f"the LoRA to continue from lacks {len(missing)} of this network's {len(self.loras)} modules "
+                f"(e.g. {missing[0]}); it was trained with other targets or for another model. "
+                "Use the same network settings, or start a new LoRA."
+            )
+        for name, lora in self.loras.items():
+            for part in ("down", "up"):
+                src = weights[f"{name}.lora_{part}.weight"]
+                dst = getattr(lora, part).weight
+                if src.shape != dst.shape:
+                    raise LoRALabError(
+                        f"{name}: saved lora_{part} has shape {tuple(src.shape)}, this network expects {tuple(dst.shape)}; "
+                        "set rank (and conv_rank) to the values the LoRA was trained with."
+                    )
+                with torch.no_grad():
+                    dst.copy_(src.to(dst.dtype))
+            if f"{name}.alpha" in weights:
+                lora.alpha.fill_(float(weights[f"{name}.alpha"]))
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
