@@ -1,0 +1,295 @@
+"""Tiny, seeded-random test assets for the real-ComfyUI integration tests.
+
+``make_tiny_sd15_checkpoint`` writes a single-file SD1.5 checkpoint in the
+original LDM key layout (``model.diffusion_model.*``, ``first_stage_model.*``,
+``cond_stage_model.transformer.text_model.*``) that ComfyUI's stock
+CheckpointLoaderSimple detects as SD1.5.
+
+What can be shrunk, and what cannot (ComfyUI 0.3.x):
+
+* UNet: SD1.5 detection (``comfy.supported_models.SD15``) only pins
+  ``model_channels == 320``, ``context_dim == 768``, conv (not linear)
+  proj_in and no ADM / temporal layers. Levels, res blocks and transformer
+  depth are read from the state dict, so we use one level, one res block,
+  transformer depth 1 everywhere (incl. the middle block).
+* VAE: the SD VAE config is hard-coded in ``comfy/sd.py`` (ch 128,
+  ch_mult [1, 2, 4, 4], 2 res blocks); a shorter ch_mult would be taken for
+  the x4-upscaler VAE (4x instead of 8x), so the VAE is full size.
+* CLIP-L: the config comes from ComfyUI's ``sd1_clip_config.json`` (12 layers,
+  hidden 768, vocab 49408); missing layers would stay uninitialised, so the
+  text encoder is full size too.
+
+So the file is dominated by the fixed-size VAE and text encoder; the UNet is
+what makes sampling cheap.
+
+The tensor names/shapes are taken from ComfyUI's own model classes built on
+the ``meta`` device (no memory, no compute), then filled from a seeded
+generator. This module imports ``comfy`` only inside the functions that need
+it, so the test process can import it for ``make_dataset`` without pulling
+ComfyUI in; build checkpoints in a subprocess via the CLI:
+
+    COMFYUI_PATH=/path/to/ComfyUI python tests/comfyui/tiny_models.py OUT.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+# UNet config in the form ComfyUI's detect_unet_config() reconstructs it.
+TINY_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1],
+    "transformer_depth": [1],
+    "transformer_depth_output": [1, 1],
+    "channel_mult": [1],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+    # SD15.unet_extra_config
+    "num_heads": 8,
+    "num_head_channels": -1,
+}
+
+SD_VAE_DDCONFIG = {
+    "double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3, "out_ch": 3,
+    "ch": 128, "ch_mult": [1, 2, 4, 4], "num_res_blocks": 2, "attn_resolutions": [], "dropout": 0.0,
+}
+
+# File / folder names the test server uses (models/checkpoints/<TINY_CKPT_NAME>, input/<DATASET_DIR_NAME>).
+TINY_CKPT_NAME = "lora_lab_tiny_sd15.safetensors"
+DATASET_DIR_NAME = "lora_lab_dataset"
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+
+
+def looks_like_comfyui(path) -> bool:
+    if not path:
+        return False
+    p = Path(path)
+    return (p / "main.py").is_file() and (p / "comfy").is_dir()
+
+
+def _import_comfy(comfyui_path):
+    """Make ComfyUI importable in *this* process (CPU only)."""
+    comfyui_path = str(Path(comfyui_path).resolve())
+    if not looks_like_comfyui(comfyui_path):
+        raise RuntimeError(f"{comfyui_path!r} does not look like a ComfyUI checkout (no main.py / comfy/)")
+    if comfyui_path not in sys.path:
+        sys.path.insert(0, comfyui_path)
+    import utils  # noqa: F401  ComfyUI's top-level package, before anything can shadow it
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.ops  # noqa: F401
+    import comfy.clip_model  # noqa: F401
+    import comfy.ldm.modules.diffusionmodules.openaimodel  # noqa: F401
+    import comfy.ldm.models.autoencoder  # noqa: F401
+    return comfy
+
+
+def tiny_sd15_shapes(comfyui_path) -> dict:
+    """name -> (shape tuple, torch dtype) of the tiny SD1.5 checkpoint, via ComfyUI's classes on 'meta'."""
+    import torch
+    comfy = _import_comfy(comfyui_path)
+    ops = comfy.ops.disable_weight_init
+    clip_cfg_path = Path(comfyui_path) / "comfy" / "sd1_clip_config.json"  # comfy/ is a namespace package
+    clip_cfg = json.loads(clip_cfg_path.read_text())
+
+    with torch.device("meta"):
+        unet = comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel(
+            **TINY_UNET_CONFIG, dtype=torch.float32, operations=ops)
+        vae = comfy.ldm.models.autoencoder.AutoencoderKL(ddconfig=dict(SD_VAE_DDCONFIG), embed_dim=4)
+        clip = comfy.clip_model.CLIPTextModel(clip_cfg, torch.float32, None, ops)
+
+    shapes = {}
+    for prefix, module in ((UNET_PREFIX, unet), (VAE_PREFIX, vae), (CLIP_PREFIX, clip)):
+        for k, v in module.state_dict().items():
+            if prefix == CLIP_PREFIX and k == "text_projection.weight":
+                continue  # real SD1.5 checkpoints do not carry it (ComfyUI pops it on save)
+            shapes[prefix + k] = (tuple(v.shape), torch.float32)
+    # present in real SD1.5 checkpoints; ComfyUI ignores it
+    shapes[CLIP_PREFIX + "text_model.embeddings.position_ids"] = ((1, clip_cfg["max_position_embeddings"]), torch.int64)
+    return shapes
+
+
+def check_detected_as_sd15(comfyui_path, shapes) -> str:
+    """Run ComfyUI's own model detection on (meta) tensors of these shapes; returns the model config class name."""
+    import torch
+    _import_comfy(comfyui_path)
+    import comfy.model_detection
+    sd = {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in shapes.items()}
+    cfg = comfy.model_detection.model_config_from_unet(sd, UNET_PREFIX)
+    name = type(cfg).__name__ if cfg is not None else "None"
+    if name != "SD15":
+        raise RuntimeError(f"tiny checkpoint is detected as {name}, not SD15")
+    return name
+
+
+def _init_tensor(name, shape, dtype, gen):
+    import torch
+    if dtype == torch.int64:  # position_ids
+        return torch.arange(shape[-1], dtype=torch.int64).reshape(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    if len(shape) == 1:  # GroupNorm / LayerNorm scales
+        return torch.ones(shape)
+    std = 0.02
+    if name.endswith("position_embedding.weight"):
+        std = 0.01
+    return torch.randn(shape, generator=gen) * std
+
+
+def make_tiny_sd15_checkpoint(path, seed=0, comfyui_path=None, dtype="fp32") -> dict:
+    """Write the tiny seeded SD1.5 checkpoint to ``path`` (.safetensors). Returns a small info dict.
+
+    dtype: "fp32" (default) or "fp16" for the float tensors in the file.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    comfyui_path = comfyui_path or os.environ.get("COMFYUI_PATH")
+    if not comfyui_path:
+        raise RuntimeError("pass comfyui_path or set COMFYUI_PATH")
+    t0 = time.perf_counter()
+    shapes = tiny_sd15_shapes(comfyui_path)
+    detected = check_detected_as_sd15(comfyui_path, shapes)
+
+    out_dtype = {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+    gen = torch.Generator().manual_seed(int(seed))
+    sd = {}
+    counts = {"unet": 0, "vae": 0, "clip": 0}
+    for name in sorted(shapes):  # sorted: the draw order (and so the weights) depends only on the seed
+        shape, dt = shapes[name]
+        t = _init_tensor(name, shape, dt, gen)
+        if t.is_floating_point():
+            t = t.to(out_dtype)
+        sd[name] = t.contiguous()
+        n = t.numel()
+        if name.startswith(UNET_PREFIX):
+            counts["unet"] += n
+        elif name.startswith(VAE_PREFIX):
+            counts["vae"] += n
+        else:
+            counts["clip"] += n
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(sd, str(tmp), metadata={"format": "pt", "lora_lab_test": "tiny-sd15", "seed": str(seed)})
+    os.replace(tmp, path)
+    return {
+        "path": str(path),
+        "detected": detected,
+        "seed": int(seed),
+        "dtype": dtype,
+        "params": counts,
+        "bytes": path.stat().st_size,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+# ---------------------------------------------------------------- dataset
+
+_COLORS = [
+    ("red", (220, 40, 40)), ("green", (40, 180, 60)), ("blue", (40, 80, 220)), ("yellow", (230, 210, 40)),
+    ("purple", (150, 50, 190)), ("orange", (240, 140, 30)), ("cyan", (40, 200, 210)), ("white", (245, 245, 245)),
+]
+_SHAPES = ["circle", "square", "triangle", "diamond", "ring", "cross", "stripes", "ellipse"]
+
+
+def make_dataset(folder, n=8, size=64, seed=0) -> list:
+    """Write ``n`` seeded PNG images (distinct coloured shapes on gradients) with .txt captions.
+
+    Returns the list of image paths. Captions look like "a photo of sks object, red circle".
+    """
+    import random
+    from PIL import Image, ImageDraw
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for i in range(n):
+        cname, color = _COLORS[i % len(_COLORS)]
+        shape = _SHAPES[(i + (i // len(_COLORS))) % len(_SHAPES)]
+        bg_a = tuple(rng.randrange(0, 120) for _ in range(3))
+        bg_b = tuple(rng.randrange(60, 200) for _ in range(3))
+        img = Image.new("RGB", (size, size))
+        px = img.load()
+        horizontal = rng.random() < 0.5
+        for y in range(size):
+            for x in range(size):
+                t = (x if horizontal else y) / max(1, size - 1)
+                px[x, y] = tuple(int(a + (b - a) * t) for a, b in zip(bg_a, bg_b))
+        d = ImageDraw.Draw(img)
+        m = size // 8
+        j = rng.randrange(-m // 2, m // 2 + 1)
+        box = (m + j, m - j, size - m + j, size - m - j)
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        r = (box[2] - box[0]) / 2
+        if shape == "circle":
+            d.ellipse(box, fill=color)
+        elif shape == "square":
+            d.rectangle(box, fill=color)
+        elif shape == "triangle":
+            d.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=color)
+        elif shape == "diamond":
+            d.polygon([(cx, box[1]), (box[2], cy), (cx, box[3]), (box[0], cy)], fill=color)
+        elif shape == "ring":
+            d.ellipse(box, outline=color, width=max(2, size // 10))
+        elif shape == "cross":
+            w = max(2, size // 8)
+            d.rectangle((cx - w, box[1], cx + w, box[3]), fill=color)
+            d.rectangle((box[0], cy - w, box[2], cy + w), fill=color)
+        elif shape == "stripes":
+            w = max(2, size // 16)
+            for k in range(0, size, 2 * w):
+                d.rectangle((k, 0, k + w - 1, size), fill=color)
+        else:  # ellipse
+            d.ellipse((box[0], cy - r / 2, box[2], cy + r / 2), fill=color)
+        name = f"img_{i:03d}"
+        p = folder / f"{name}.png"
+        img.save(p)
+        (folder / f"{name}.txt").write_text(f"a photo of sks object, {cname} {shape}\n", encoding="utf-8")
+        paths.append(p)
+    return paths
+
+
+def _param_count_str(counts):
+    return ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items())
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Write a tiny seeded SD1.5 checkpoint (needs COMFYUI_PATH or --comfyui).")
+    ap.add_argument("out", help="output .safetensors path")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: $COMFYUI_PATH)")
+    ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
+    ap.add_argument("--dataset", default=None, help="also write an 8-image dataset into this folder")
+    a = ap.parse_args(argv)
+    info = make_tiny_sd15_checkpoint(a.out, seed=a.seed, comfyui_path=a.comfyui, dtype=a.dtype)
+    if a.dataset:
+        make_dataset(a.dataset, seed=a.seed)
+    print(json.dumps(info))
+    print(f"# params: {_param_count_str(info['params'])}; file {info['bytes'] / 2**20:.1f} MiB", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
