@@ -89,3 +89,17 @@ def _mix(*values: int) -> int:
     for v in values:
         h ^= (int(v) + 0x9E3779B97F4A7C15 + ((h << 6) & 0xFFFFFFFFFFFFFFFF) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+@dataclass
+class EncodedDataset:
+    """What the Dataset node hands to the Train node: encoded examples and what the user should know.
+
+    Latents are the VAE's raw latents (what VAEEncode gives); conds are dicts with "cross_attn"
+    [tokens, dim], optional "pooled_output" [dim] and "extra" (per-image size/crop conditioning).
+    """
+
+    examples: list[Example]
+    fingerprint: str  # changes whenever any image, caption or encoding setting changes
+    summary: str = ""
+    warnings: list[str] = field(default_factory=list)

@@ -260,5 +260,20 @@ class LoRANetwork(nn.Module):
             if f"{name}.alpha" in weights:
                 lora.alpha.fill_(float(weights[f"{name}.alpha"]))
 
+    def rebind(self, targets: list[Target]) -> None:
+        """Points the adapters at another instance of the same model (e.g. after ComfyUI reloaded
+        the checkpoint). Every module must be there with the same shape, or nothing changes."""
+        new = {t.name: t.module for t in targets}
+        if set(new) != set(self._bases):
+            raise LoRALabError(
+                f"the model's layers differ from the ones this LoRA was trained on ({len(set(new) ^ set(self._bases))} "
+                "differ); continue with the same model, or restart the training."
+            )
+        for name, module in new.items():
+            old = self._bases[name]
+            if getattr(old, "weight", None) is not None and tuple(old.weight.shape) != tuple(module.weight.shape):
+                raise LoRALabError(f"{name}: layer shape changed; continue with the same model, or restart the training.")
+        self._bases = new
+
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
