@@ -1,4 +1,33 @@
 """ComfyUI node classes (V1 API): thin forms over the engine in trainer/."""
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from .config import LoRALabNetwork, LoRALabOptimizer, LoRALabPrecision
+from .dataset import LoRALabDataset
+from .lora import LoRALabApplyLoRA, LoRALabSaveLoRA, LoRALabStrengthSweep
+from .report import LoRALabEvaluate, LoRALabTrainingReport
+from .train import LoRALabTrain
+
+NODE_CLASS_MAPPINGS = {
+    "LoRALabDataset": LoRALabDataset,
+    "LoRALabNetwork": LoRALabNetwork,
+    "LoRALabOptimizer": LoRALabOptimizer,
+    "LoRALabPrecision": LoRALabPrecision,
+    "LoRALabTrain": LoRALabTrain,
+    "LoRALabApplyLoRA": LoRALabApplyLoRA,
+    "LoRALabStrengthSweep": LoRALabStrengthSweep,
+    "LoRALabSaveLoRA": LoRALabSaveLoRA,
+    "LoRALabTrainingReport": LoRALabTrainingReport,
+    "LoRALabEvaluate": LoRALabEvaluate,
+}
+
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoRALabDataset": "LoRA Lab Dataset",
+    "LoRALabNetwork": "LoRA Lab Network (rank/alpha)",
+    "LoRALabOptimizer": "LoRA Lab Optimizer + Schedule",
+    "LoRALabPrecision": "LoRA Lab Precision",
+    "LoRALabTrain": "LoRA Lab Train",
+    "LoRALabApplyLoRA": "LoRA Lab Apply LoRA",
+    "LoRALabStrengthSweep": "LoRA Lab Strength Sweep",
+    "LoRALabSaveLoRA": "LoRA Lab Save LoRA",
+    "LoRALabTrainingReport": "LoRA Lab Training Report",
+    "LoRALabEvaluate": "LoRA Lab Evaluate (PSNR/SSIM)",
+}

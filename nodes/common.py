@@ -1,0 +1,86 @@
+"""What every LoRA Lab node shares: type names, and turning engine errors into node errors."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+
+import torch
+
+from ..trainer.errors import LoRALabError
+
+CATEGORY = "LoRA Lab"
+
+DATASET = "LORALAB_DATASET"
+NETWORK = "LORALAB_NETWORK"
+OPTIMIZER = "LORALAB_OPTIMIZER"
+PRECISION = "LORALAB_PRECISION"
+LORA = "LORALAB_LORA"
+HISTORY = "LORALAB_HISTORY"
+
+
+class LoRALabNodeError(Exception):
+    """A user-facing error: ComfyUI shows its message on the node."""
+
+
+def user_errors(fn):
+    """Re-raises engine errors with their message only.
+
+    ComfyUI logs the traceback of any exception a node raises; for a wrong input the message says
+    everything and a stack of engine frames would only hide it, so it is raised afresh, short.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LoRALabError as e:
+            error = LoRALabNodeError(str(e))
+        raise error
+
+    return wrapper
+
+
+def validation_message(build) -> bool | str:
+    """For VALIDATE_INPUTS: True when `build()` accepts the inputs, else the error text."""
+    try:
+        build()
+    except LoRALabError as e:
+        return str(e)
+    return True
+
+
+class TrainedLoRA:
+    """The LORALAB_LORA value: kohya-format weights plus what a saved file should say about them."""
+
+    def __init__(self, weights: dict, metadata: dict, family: str, save_dtype: str = "fp16", session_key: str | None = None, name: str = "lora"):
+        self.weights = weights
+        self.metadata = metadata
+        self.family = family
+        self.save_dtype = save_dtype
+        self.session_key = session_key
+        self.name = name
+
+
+class TrainingRecord:
+    """The LORALAB_HISTORY value: a snapshot of the run for reports (it doesn't change later)."""
+
+    def __init__(self, history, diagnosis, lr_plan: list, title: str):
+        self.history = history
+        self.diagnosis = diagnosis
+        self.lr_plan = lr_plan
+        self.title = title
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """Cheap identity of a model's weights: parameter names and shapes, and two tensors' values.
+
+    Tells "the same checkpoint, loaded again" from "another model" without hashing gigabytes.
+    """
+    h = hashlib.sha256()
+    params = list(module.state_dict().items())
+    for name, p in params:
+        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+    for _, p in params[:1] + params[-1:]:
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,97 @@
+"""Network, Optimizer + Schedule and Precision nodes: forms that build the engine's config objects."""
+
+from __future__ import annotations
+
+from ..trainer.network import TARGET_PRESETS, NetworkConfig
+from ..trainer.optimizers import OPTIMIZERS, OptimizerConfig
+from ..trainer.precision import PrecisionConfig
+from ..trainer.schedule import SCHEDULES, ScheduleConfig
+from .common import CATEGORY, NETWORK, OPTIMIZER, PRECISION, user_errors
+
+
+class LoRALabNetwork:
+    DESCRIPTION = "The LoRA to train: rank, alpha (strength scale = alpha / rank), which layers, 3x3 convs, dropout."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (NETWORK,)
+    RETURN_NAMES = ("network",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "rank": ("INT", {"default": 16, "min": 1, "max": 1024, "tooltip": "LoRA rank (network_dim). 4-32 is typical; higher learns more detail and makes bigger files."}),
+                "alpha": ("FLOAT", {"default": 16.0, "min": 0.01, "max": 1024.0, "step": 0.5, "tooltip": "Scale = alpha / rank. alpha = rank gives 1.0; alpha closer to rank means a STRONGER LoRA."}),
+                "targets": (list(TARGET_PRESETS), {"default": "attn_mlp", "tooltip": "attn_mlp: every Linear and 1x1 conv in the transformer blocks (kohya default). attn_only: attention projections only."}),
+                "conv_rank": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "Rank for 3x3 convs in the ResNet blocks (LoCon-style). 0 = don't train them."}),
+                "conv_alpha": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1024.0, "step": 0.5, "tooltip": "Alpha for the 3x3 convs (scale = conv_alpha / conv_rank)."}),
+                "dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9, "step": 0.01, "tooltip": "Dropout on the LoRA input during training. 0 = off; 0.05-0.1 can reduce over-fitting."}),
+            }
+        }
+
+    @user_errors
+    def build(self, rank, alpha, targets, conv_rank, conv_alpha, dropout):
+        return (NetworkConfig(rank=rank, alpha=alpha, targets=targets, conv_rank=conv_rank, conv_alpha=conv_alpha, dropout=dropout),)
+
+
+class LoRALabOptimizer:
+    DESCRIPTION = "Optimizer and learning-rate schedule. unet_lr 1e-4 with AdamW/AdamW8bit and ~5% warmup is a good start."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (OPTIMIZER,)
+    RETURN_NAMES = ("optimizer",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "optimizer": (list(OPTIMIZERS), {"default": "AdamW", "tooltip": "AdamW8bit/Lion8bit keep 8-bit state (less memory, needs bitsandbytes). Lion wants a 3-10x smaller lr. Prodigy sets its own step size: use lr 1.0."}),
+                "unet_lr": ("FLOAT", {"default": 1e-4, "min": 1e-7, "max": 10.0, "step": 1e-5, "round": False, "tooltip": "Learning rate of the UNet / transformer LoRA. 1e-4 for AdamW, ~3e-5 for Lion, 1.0 for Prodigy."}),
+                "text_encoder_lr": ("FLOAT", {"default": 5e-5, "min": 1e-7, "max": 10.0, "step": 1e-5, "round": False, "tooltip": "Learning rate of the text-encoder LoRA (when it is trained); usually half the unet_lr or less."}),
+                "weight_decay": ("FLOAT", {"default": 0.01, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip": "Decoupled weight decay (AdamW/Lion). 0.01 is usual; Lion likes 3-10x more."}),
+                "scheduler": (list(SCHEDULES), {"default": "cosine", "tooltip": "How the lr changes over the run. cosine decays smoothly to min_lr_ratio; constant keeps it flat."}),
+                "warmup_ratio": ("FLOAT", {"default": 0.05, "min": 0.0, "max": 0.5, "step": 0.01, "tooltip": "Warmup as a share of the total steps (~5% is usual). Ignored when warmup_steps > 0. Not used by 'constant'."}),
+                "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Warmup in optimizer steps; 0 = use warmup_ratio."}),
+                "min_lr_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "The lr decays to this share of the starting lr (0 = all the way to zero)."}),
+                "cycles": ("INT", {"default": 1, "min": 1, "max": 100, "tooltip": "Restarts for cosine_with_restarts."}),
+                "power": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 10.0, "step": 0.1, "tooltip": "Exponent for the polynomial schedule (1 = linear)."}),
+            }
+        }
+
+    @staticmethod
+    def _configs(optimizer, unet_lr, text_encoder_lr, weight_decay, scheduler, warmup_ratio, warmup_steps, min_lr_ratio, cycles, power):
+        if scheduler == "constant":
+            warmup_ratio, warmup_steps = 0.0, 0  # 'constant' means no warmup at all
+        elif warmup_steps > 0:
+            warmup_ratio = 0.0
+        opt = OptimizerConfig(name=optimizer, unet_lr=unet_lr, text_encoder_lr=text_encoder_lr, weight_decay=weight_decay)
+        sched = ScheduleConfig(name=scheduler, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, min_lr_ratio=min_lr_ratio, cycles=cycles, power=power)
+        return opt, sched
+
+    @user_errors
+    def build(self, **kw):
+        return (self._configs(**kw),)
+
+
+class LoRALabPrecision:
+    DESCRIPTION = "Mixed precision, fp8 base weights, gradient checkpointing and the dtype the LoRA is saved in."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (PRECISION,)
+    RETURN_NAMES = ("precision",)
+    FUNCTION = "build"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "mixed_precision": (["fp32", "bf16", "fp16"], {"default": "bf16", "tooltip": "bf16: fast and stable on RTX 30xx+ GPUs. fp16: older GPUs, uses dynamic loss scaling. fp32: CPUs (no fast bf16 there) and debugging."}),
+                "fp8_base": ("BOOLEAN", {"default": False, "tooltip": "Keep the frozen base weights in fp8 (half the memory of bf16); the LoRA stays fp32. For Flux on 12-16 GB cards."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute activations in the backward pass: much less memory, ~20-30% slower."}),
+                "save_dtype": (["fp16", "bf16", "fp32"], {"default": "fp16", "tooltip": "dtype of the saved LoRA file. fp16 is what everyone loads."}),
+                "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Gradient clipping; 0 = off. 1.0 keeps single bad batches from wrecking the LoRA."}),
+            }
+        }
+
+    @user_errors
+    def build(self, **kw):
+        return (PrecisionConfig(**kw),)

@@ -1,0 +1,142 @@
+"""The Dataset node: a folder of images + captions, encoded once with the workflow's VAE and CLIP."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+
+import folder_paths
+
+from ..trainer.cache import cache_key, load_entry, save_entry
+from ..trainer.data import EncodedDataset, Example
+from ..trainer.dataset import DatasetConfig, build_items, scan_folder
+from ..trainer.errors import ConfigError
+from .common import CATEGORY, DATASET, module_fingerprint, user_errors, validation_message
+
+CACHE_DIR_NAME = os.path.join("lora_lab", "cache")
+
+
+def resolve_folder(folder: str) -> str:
+    """An absolute path as given; anything else relative to ComfyUI's input directory."""
+    folder = os.path.expanduser(str(folder).strip())
+    if not folder:
+        raise ConfigError("folder", "is empty: type a folder name inside ComfyUI's input directory, or an absolute path.")
+    return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+
+
+def _folder_state(folder: str) -> str:
+    """Changes whenever a file in the folder is added, removed or edited (for re-execution)."""
+    h = hashlib.sha256()
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for f in sorted(files):
+            st = os.stat(os.path.join(root, f))
+            h.update(f"{os.path.relpath(os.path.join(root, f), folder)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+class LoRALabDataset:
+    DESCRIPTION = (
+        "A folder of images with .txt captions (kohya layout: a sub-folder 10_name repeats its images 10x per epoch), "
+        "encoded once with your VAE and CLIP and cached on disk, so re-queues and restarts don't re-encode."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (DATASET,)
+    RETURN_NAMES = ("dataset",)
+    FUNCTION = "load"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "folder": ("STRING", {"default": "lora_dataset", "tooltip": "Folder inside ComfyUI's input directory, or an absolute path. Images: png/jpg/webp/bmp; captions: same name + .txt."}),
+                "vae": ("VAE", {"tooltip": "The VAE of the model you train on (from the checkpoint loader)."}),
+                "clip": ("CLIP", {"tooltip": "The text encoder of the model you train on."}),
+                "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64, "tooltip": "Training resolution: 512 for SD1.5, 1024 for SDXL/Flux. Images are fitted into aspect-ratio buckets of about this area."}),
+                "bucket": ("BOOLEAN", {"default": True, "tooltip": "Aspect-ratio buckets (keep each image's shape). Off: center-crop everything to a square."}),
+                "repeats": ("INT", {"default": 1, "min": 1, "max": 1000, "tooltip": "Repeats per epoch for images not in a 'N_name' sub-folder."}),
+                "trigger_word": ("STRING", {"default": "", "tooltip": "Put first in every caption (e.g. 'sks person'); use it in your prompts later."}),
+            },
+            "optional": {
+                "shuffle_captions": ("BOOLEAN", {"default": False, "tooltip": "Shuffle comma-separated tags (needs variants >= 2)."}),
+                "keep_tokens": ("INT", {"default": 1, "min": 0, "max": 32, "tooltip": "Leading tags never shuffled (the trigger word counts as one)."}),
+                "caption_dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip": "Chance of training a variant with an empty caption (needs variants >= 2)."}),
+                "flip": ("BOOLEAN", {"default": False, "tooltip": "Also train the mirrored image (not for asymmetric subjects or text)."}),
+                "random_crop": ("BOOLEAN", {"default": False, "tooltip": "Random instead of centred crops (needs variants >= 2)."}),
+                "rotation_degrees": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 15.0, "step": 0.5, "tooltip": "Small random rotation (needs variants >= 2)."}),
+                "color_jitter": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.3, "step": 0.01, "tooltip": "Random brightness/contrast/saturation change (needs variants >= 2)."}),
+                "variants": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Augmented copies encoded per image (each costs one VAE encode, once). 1 = no augmentation."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the augmentations."}),
+            },
+        }
+
+    @staticmethod
+    def _config(resolution, bucket, repeats, trigger_word, shuffle_captions=False, keep_tokens=1, caption_dropout=0.0, flip=False, random_crop=False, rotation_degrees=0.0, color_jitter=0.0, variants=1, seed=0) -> DatasetConfig:
+        return DatasetConfig(
+            resolution=resolution, bucket=bucket, default_repeats=repeats, trigger_word=trigger_word,
+            shuffle_captions=shuffle_captions, keep_tokens=keep_tokens if shuffle_captions else 0, caption_dropout=caption_dropout,
+            flip=flip, random_crop=random_crop, rotation_degrees=rotation_degrees, color_jitter=color_jitter, variants=variants, seed=seed,
+        )
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, folder):
+        # Only `folder` is named: ComfyUI attributes the message to every input named here, and
+        # still range-checks the others itself. Cross-field settings are checked when it runs.
+        return validation_message(lambda: scan_folder(resolve_folder(folder)))
+
+    @classmethod
+    def IS_CHANGED(cls, folder, **kw):
+        try:
+            return _folder_state(resolve_folder(folder))
+        except (ConfigError, OSError):
+            return float("nan")
+
+    @user_errors
+    def load(self, folder, vae, clip, resolution, bucket, repeats, trigger_word, **options):
+        config = self._config(resolution, bucket, repeats, trigger_word, **options)
+        entries = scan_folder(resolve_folder(folder), config.caption_extension)
+        items, stats = build_items(entries, config)
+        cache_dir = os.path.join(folder_paths.get_user_directory(), CACHE_DIR_NAME)
+        encoders = f"{module_fingerprint(vae.first_stage_model)}:{module_fingerprint(clip.cond_stage_model)}"
+        text_cache: dict[str, tuple] = {}
+        examples, hits = [], 0
+        for item in items:
+            key = cache_key(item.content_hash, encoders)
+            tensors = load_entry(cache_dir, key)
+            if tensors is None:
+                tensors = self._encode(item, vae, clip, text_cache)
+                save_entry(cache_dir, key, tensors)
+            else:
+                hits += 1
+            examples.append(self._example(item, tensors))
+        fingerprint = hashlib.sha256("|".join([encoders] + [f"{i.content_hash}:{i.repeats}" for i in items]).encode()).hexdigest()[:16]
+        summary = stats.to_text() + f"\nencoded: {len(items) - hits}, from cache: {hits}"
+        dataset = EncodedDataset(examples, fingerprint, summary, list(stats.warnings))
+        return {"ui": {"text": [summary]}, "result": (dataset,)}
+
+    @staticmethod
+    def _encode(item, vae, clip, text_cache) -> dict[str, torch.Tensor]:
+        tensors = {}
+        for v, (image, caption) in enumerate(zip(item.images, item.captions)):
+            tensors[f"latent.{v}"] = vae.encode(image[None])[0].float().cpu()
+            if caption not in text_cache:
+                cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0]
+                text_cache[caption] = (cond[0][0].cpu(), cond[1].get("pooled_output"))
+            cross_attn, pooled = text_cache[caption]
+            tensors[f"cross_attn.{v}"] = cross_attn
+            if pooled is not None:
+                tensors[f"pooled.{v}"] = pooled[0].cpu()
+        return tensors
+
+    @staticmethod
+    def _example(item, tensors) -> Example:
+        w, h = item.size
+        extra = {"width": w, "height": h, "crop_w": 0, "crop_h": 0, "target_width": w, "target_height": h}
+        latents, conds = [], []
+        for v in range(len(item.images)):
+            latents.append(tensors[f"latent.{v}"])
+            conds.append({"cross_attn": tensors[f"cross_attn.{v}"], "pooled_output": tensors.get(f"pooled.{v}"), "extra": extra})
+        return Example(latents, conds, item.repeats, item.name)

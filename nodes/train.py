@@ -1,0 +1,206 @@
+"""The Train node: runs the engine on the MODEL the workflow already loaded, in-process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from ..trainer import comfy_adapter
+from ..trainer.data import EncodedDataset, Example
+from ..trainer.io import build_metadata
+from ..trainer.loop import Session, TrainConfig
+from ..trainer.network import LoRANetwork, NetworkConfig
+from ..trainer.objective import LOSS_TYPES, TIMESTEP_SAMPLING, ObjectiveConfig
+from ..trainer.optimizers import OptimizerConfig, check_available
+from ..trainer.report import chart_points
+from ..trainer.precision import PrecisionConfig, check_device_support
+from ..trainer.monitor import History
+from ..trainer.schedule import ScheduleConfig, preview
+from ..trainer.sessions import STORE, Entry, next_target
+from .common import CATEGORY, DATASET, HISTORY, LORA, NETWORK, OPTIMIZER, PRECISION, LoRALabNodeError, TrainedLoRA, TrainingRecord, module_fingerprint, user_errors
+
+MODES = ["continue", "restart"]
+PROGRESS_EVENT = "lora_lab.progress"
+MIN_MESSAGE_INTERVAL_S = 0.25  # bounded rate for live chart messages
+
+
+def _send(event: str, data: dict) -> None:
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_sync(event, data)
+    except Exception:  # headless use without a server: nothing to tell
+        pass
+
+
+def _fingerprint(model, dataset: EncodedDataset, *configs) -> str:
+    parts = [module_fingerprint(model.model.diffusion_model), dataset.fingerprint] + [json.dumps(asdict(c), sort_keys=True, default=str) for c in configs]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _model_examples(denoiser, dataset: EncodedDataset) -> list[Example]:
+    """Raw VAE latents -> the model's latent space; fresh (non-inference) tensors for autograd."""
+    out = []
+    for ex in dataset.examples:
+        latents = [denoiser.latent_in(l[None].clone().float())[0] for l in ex.latents]
+        conds = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in c.items()} for c in ex.conds]
+        out.append(Example(latents, conds, ex.repeats, ex.name, dict(ex.extra)))
+    return out
+
+
+class LoRALabTrain:
+    DESCRIPTION = (
+        "Trains a LoRA on the connected MODEL, in this ComfyUI process. Queue again to continue training "
+        "(mode 'continue'); Cancel keeps everything trained so far. Outputs the MODEL with the LoRA applied."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", LORA, HISTORY)
+    RETURN_NAMES = ("model", "lora", "history")
+    OUTPUT_TOOLTIPS = ("The input MODEL with the trained LoRA applied (the input MODEL itself is unchanged).", "The trained LoRA: connect Save LoRA, Apply LoRA or Strength Sweep.", "Loss/LR history for the Training Report node.")
+    FUNCTION = "train"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to train on (from your checkpoint loader). It is not modified."}),
+                "dataset": (DATASET, {"tooltip": "From the LoRA Lab Dataset node."}),
+                "steps": ("INT", {"default": 500, "min": 1, "max": 1000000, "tooltip": "Optimizer steps to train in this run. Queue again (mode 'continue') to train this many more."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per step. 1-4 on consumer GPUs; images of different aspect ratios are never mixed in a batch."}),
+                "gradient_accumulation": ("INT", {"default": 1, "min": 1, "max": 128, "tooltip": "Batches per optimizer step: an effective batch of batch_size x this, without the memory."}),
+                "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Same seed, same settings: the same loss curve, step for step."}),
+                "mode": (MODES, {"default": "continue", "tooltip": "continue: keep training the LoRA this node trained before (or finish a cancelled run). restart: start a new LoRA from scratch."}),
+                "output_name": ("STRING", {"default": "my_lora", "tooltip": "Name written into the LoRA's metadata (and used by save_every)."}),
+            },
+            "optional": {
+                "network": (NETWORK, {"tooltip": "LoRA Network settings; default rank 16, alpha 16."}),
+                "optimizer": (OPTIMIZER, {"tooltip": "Optimizer + schedule; default AdamW, unet_lr 1e-4, cosine, 5% warmup."}),
+                "precision": (PRECISION, {"tooltip": "Precision settings; default fp32 on CPU, bf16 on GPU."}),
+                "loss_type": (list(LOSS_TYPES), {"default": "mse", "tooltip": "mse is standard; huber/smooth_l1 are more robust to outlier images."}),
+                "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.5, "tooltip": "Min-SNR weighting (5 is typical for SD1.5/SDXL; 0 = off). Not applicable to flow models such as Flux: leave at 0 there."}),
+                "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Helps very dark/bright images; 0.05-0.1 typical, 0 = off."}),
+                "timestep_sampling": (list(TIMESTEP_SAMPLING), {"default": "uniform", "tooltip": "How noise levels are drawn. uniform for SD1.5/SDXL; sigmoid/shift/logit_normal for Flux."}),
+                "validation_split": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.45, "step": 0.05, "tooltip": "Share of images held out to measure validation loss at fixed noise: the best sign of over-fitting. 0 = off."}),
+                "epochs": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "If > 0, train this many epochs (images x repeats / batch) instead of 'steps'."}),
+                "continue_from": (LORA, {"tooltip": "Chain Train nodes: continue the session that trained this LoRA (train 200, preview, train 200 more)."}),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, **kwargs):
+        return float("nan")  # every queue trains (continue) or restarts: never served from cache
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, output_name):
+        if not str(output_name).strip():
+            return "output_name: give the LoRA a name (letters, digits, - and _)."
+        return True
+
+    @user_errors
+    def train(self, model, dataset, steps, batch_size, gradient_accumulation, seed, mode, output_name, network=None, optimizer=None, precision=None, loss_type="mse", min_snr_gamma=0.0, noise_offset=0.0, timestep_sampling="uniform", validation_split=0.0, epochs=0, continue_from=None, unique_id=None):
+        device = comfy.model_management.get_torch_device()
+        network = network or NetworkConfig()
+        opt_config, sched_config = optimizer or (OptimizerConfig(), ScheduleConfig(name="cosine", warmup_ratio=0.05))
+        precision = precision or PrecisionConfig(mixed_precision="fp32" if device.type == "cpu" else "bf16")
+        objective = ObjectiveConfig(loss_type=loss_type, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, timestep_sampling=timestep_sampling)
+        train_config = TrainConfig(steps=steps if not epochs else 0, epochs=epochs, batch_size=batch_size, gradient_accumulation=gradient_accumulation, seed=seed, validation_split=validation_split)
+        problem = check_available(opt_config.name, device)
+        if problem:
+            raise LoRALabNodeError(f"optimizer: {problem}")
+        warning = check_device_support(precision, device)
+
+        key = continue_from.session_key if continue_from is not None else f"train:{unique_id}"
+        fingerprint = _fingerprint(model, dataset, network, opt_config, sched_config, precision, objective, train_config.__class__(**{**asdict(train_config), "steps": 1, "epochs": 0}))
+        notes = [warning] if warning else []
+        with torch.inference_mode(False):
+            entry = STORE.get(key)
+            if continue_from is not None and entry is None:
+                raise LoRALabNodeError("continue_from: that training session is gone (ComfyUI restarted or the node was reset); queue the first Train node again.")
+            if entry is None or (continue_from is None and (mode == "restart" or entry.fingerprint != fingerprint)):
+                if entry is not None and mode == "continue":
+                    notes.append("Settings, model or dataset changed since the last run: started a new LoRA.")
+                STORE.release(key)
+                entry = Entry(self._new_session(model, dataset, network, opt_config, sched_config, precision, objective, train_config), fingerprint, 0, time.time())
+                STORE.put(key, entry)
+            session = entry.session
+            if session.denoiser.model is not model.model:
+                # The same checkpoint, loaded again by ComfyUI (the fingerprint matched): train on
+                # the instance the workflow holds now instead of keeping the old one alive.
+                denoiser = comfy_adapter.ComfyDenoiser(model.clone())
+                session.network.rebind(comfy_adapter.unet_targets(denoiser.model, session.network.config))
+                session.denoiser = denoiser
+            until = next_target(entry, session.total_steps if epochs else steps)
+            entry.target_step = until
+            session.denoiser.load()
+            self._run(session, until, unique_id)
+            lora = self._result(session, entry, key, output_name, opt_config, sched_config, precision)
+            out_model = comfy_adapter.apply_lora(model, None, lora.weights, 1.0)[0]
+        diagnosis = session.diagnosis()
+        record = TrainingRecord(
+            History.from_dict(session.history.to_dict()),
+            diagnosis,
+            preview(session.schedule, session.base_lrs[0], until),
+            f"{output_name} ({session.denoiser.family}, rank {network.rank}, alpha {network.alpha:g})",
+        )
+        ui = {"lora_lab": [{"history": chart_points(session.history), "diagnosis": {"verdict": diagnosis.verdict, "headline": diagnosis.headline, "advice": list(diagnosis.advice)}, "notes": notes, "step": session.step, "total": until}]}
+        return {"ui": ui, "result": (out_model, lora, record)}
+
+    @staticmethod
+    def _new_session(model, dataset, network, opt_config, sched_config, precision, objective, train_config) -> Session:
+        patcher = model.clone()
+        denoiser = comfy_adapter.ComfyDenoiser(patcher)
+        targets = comfy_adapter.unet_targets(denoiser.model, network)
+        lora_network = LoRANetwork(targets, network)
+        examples = _model_examples(denoiser, dataset)
+        return Session(denoiser, examples, lora_network, optimizer=opt_config, schedule=sched_config, precision=precision, objective=objective, train=train_config)
+
+    @staticmethod
+    def _run(session: Session, until: int, unique_id) -> None:
+        pbar = comfy.utils.ProgressBar(until)
+        pbar.update_absolute(session.step, until)
+        last_sent = [0.0]
+
+        def on_step(info):
+            now = time.monotonic()
+            if now - last_sent[0] >= MIN_MESSAGE_INTERVAL_S or info.step == until:
+                last_sent[0] = now
+                h = session.history
+                _send(PROGRESS_EVENT, {"node": str(unique_id), "step": info.step, "total": until, "loss": info.loss, "smoothed": h.smoothed[-1] if h.smoothed else None, "lr": info.lr, "eta_s": info.eta_seconds, "val_step": h.val_step[-1:], "val_loss": h.val_loss[-1:]})
+            pbar.update_absolute(info.step, until)  # raises ComfyUI's interrupt on Cancel; state is kept
+
+        if session.precision.gradient_checkpointing:
+            with comfy_adapter.gradient_checkpointing(session.denoiser.model.diffusion_model):
+                session.run(until_step=until, callback=on_step)
+        else:
+            session.run(until_step=until, callback=on_step)
+
+    @staticmethod
+    def _result(session: Session, entry: Entry, key: str, output_name: str, opt: OptimizerConfig, sched: ScheduleConfig, precision: PrecisionConfig) -> TrainedLoRA:
+        weights = session.network.to_kohya(torch.float32)
+        net = session.network.config
+        metadata = build_metadata(
+            base_model=session.denoiser.family,
+            output_name=output_name,
+            rank=net.rank,
+            alpha=net.alpha,
+            conv_rank=net.conv_rank,
+            conv_alpha=net.conv_alpha if net.conv_rank else 0,
+            learning_rate=opt.unet_lr,
+            text_encoder_lr=None,
+            steps=session.step,
+            epochs=session.epoch_of(max(session.step - 1, 0)) + 1,
+            started_at=entry.started_at,
+            optimizer=opt.name,
+            scheduler=sched.name,
+            extra={"lora_lab_seed": str(session.train.seed), "lora_lab_loss_type": session.objective.loss_type, "lora_lab_prediction": session.denoiser.prediction},
+        )
+        return TrainedLoRA(weights, metadata, session.denoiser.family, precision.save_dtype, key, output_name)

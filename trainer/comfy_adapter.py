@@ -1,0 +1,215 @@
+"""The one module of the engine that imports ComfyUI: a ComfyUI MODEL as the engine's Denoiser.
+
+What it translates:
+    - the modules to adapt, with the kohya names every loader reads (`unet_targets`): names come
+      from ComfyUI's own LoRA key map (comfy.lora.model_lora_keys_unet), so ComfyUI's stock
+      LoraLoader applies every key we write. SD1.5 uses the diffusers-path names sd-scripts writes
+      (also read by diffusers and A1111); other families use the LDM / BFL paths sd-scripts writes.
+    - the model's noise schedule and prediction type (`model_sampling`), so each family is
+      trained with its own objective;
+    - a training forward (`ComfyDenoiser.denoise`): BaseModel.apply_model, which returns the
+      denoised estimate, with the conditioning built by the model's own `extra_conds`.
+
+The LoRA is never merged into the model: the network's forward hooks are active only inside the
+engine's forward, so the MODEL the user passed in samples exactly as before training. For the
+MODEL output of the Train node, `apply_lora` patches a *clone*, like ComfyUI's LoraLoader.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+import comfy.conds
+import comfy.lora
+import comfy.model_management
+import comfy.model_sampling
+import comfy.sd
+import comfy.utils
+
+from .errors import ConfigError
+from .network import NetworkConfig, Target, find_targets
+
+log = logging.getLogger("lora_lab")
+
+# Blocks whose Linear / 1x1 leaves are adapted, per family (sd-scripts parity), and the blocks
+# whose 3x3 convs are adapted when conv_rank > 0.
+UNET_CONTAINERS = ("SpatialTransformer", "SpatialVideoTransformer")
+UNET_CONV_CONTAINERS = ("ResBlock", "Downsample", "Upsample")
+FLUX_CONTAINERS = ("DoubleStreamBlock", "SingleStreamBlock")
+CHECKPOINT_BLOCKS = ("input_blocks", "middle_block", "output_blocks", "double_blocks", "single_blocks")
+
+
+def model_family(model) -> str:
+    """"sd15", "sdxl" or "flux" from a ComfyUI BaseModel; a clear error for anything else."""
+    import comfy.model_base as mb
+
+    if isinstance(model, mb.Flux):
+        return "flux"
+    if isinstance(model, mb.SDXL):
+        return "sdxl"
+    if type(model) is mb.BaseModel and model.model_config.unet_config.get("context_dim") == 768:
+        return "sd15"
+    raise ConfigError(
+        "model",
+        f"LoRA Lab trains SD1.5, SDXL and Flux models; this MODEL is {type(model).__name__} "
+        f"({type(model.model_config).__name__}). Load an SD1.5, SDXL or Flux checkpoint.",
+    )
+
+
+def prediction_type(model) -> str:
+    ms = model.model_sampling
+    if isinstance(ms, comfy.model_sampling.CONST):
+        return "flow"
+    if isinstance(ms, comfy.model_sampling.V_PREDICTION):
+        return "v"
+    if isinstance(ms, comfy.model_sampling.EPS):
+        return "eps"
+    raise ConfigError("model", f"unsupported prediction type {type(ms).__name__}: LoRA Lab trains eps, v and flow models.")
+
+
+def kohya_unet_names(model, family: str) -> dict[str, str]:
+    """Module path inside diffusion_model -> kohya name, taken from ComfyUI's own LoRA key map."""
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    names: dict[str, str] = {}
+    if family == "sd15":
+        # sd-scripts writes SD1.5 UNet names on diffusers paths (read by ComfyUI, A1111 and diffusers).
+        for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(model.model_config.unet_config).items():
+            if diffusers_key.endswith(".weight"):
+                names[ldm_key[: -len(".weight")]] = "lora_unet_" + diffusers_key[: -len(".weight")].replace(".", "_")
+    for kohya, sd_key in key_map.items():
+        if isinstance(sd_key, str) and kohya.startswith("lora_unet_") and sd_key.endswith(".weight"):
+            path = sd_key[len("diffusion_model.") : -len(".weight")]
+            names.setdefault(path, kohya)
+    return names
+
+
+def unet_targets(model, config: NetworkConfig) -> list[Target]:
+    family = model_family(model)
+    names = kohya_unet_names(model, family)
+    containers = FLUX_CONTAINERS if family == "flux" else UNET_CONTAINERS
+    conv_containers = () if family == "flux" else UNET_CONV_CONTAINERS
+    prefix = "lora_unet_"
+    return find_targets(
+        model.diffusion_model,
+        prefix[:-1],
+        containers,
+        conv_containers,
+        config,
+        rename=lambda path: names[path][len(prefix) :] if path in names else None,
+    )
+
+
+def make_trainable(module: torch.nn.Module) -> None:
+    """Frozen, and no inference tensors left (ComfyUI loads weights under inference_mode).
+
+    Autograd cannot save inference tensors for backward; on CPU nothing ever moves the weights
+    out of that state. The clone has the same values, so every other user of the shared module
+    computes exactly what it did before.
+    """
+    module.requires_grad_(False)
+    with torch.inference_mode(False), torch.no_grad():
+        for sub in module.modules():
+            for name, p in list(sub._parameters.items()):
+                if p is not None and p.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(p.clone(), requires_grad=False)
+            for name, b in list(sub._buffers.items()):
+                if b is not None and b.is_inference():
+                    sub._buffers[name] = b.clone()
+
+
+@contextmanager
+def gradient_checkpointing(diffusion_model: torch.nn.Module) -> Iterator[None]:
+    """Recompute each top-level block in backward instead of keeping its activations.
+
+    Installed on the instances for the duration of training only, then removed.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    patched = []
+    for attr in CHECKPOINT_BLOCKS:
+        blocks = getattr(diffusion_model, attr, None)
+        if blocks is None:
+            continue
+        for block in blocks if isinstance(blocks, torch.nn.ModuleList) else [blocks]:
+            original = block.forward
+
+            def forward(*args, _f=original, **kwargs):
+                return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+
+            block.forward = forward
+            patched.append(block)
+    try:
+        yield
+    finally:
+        for block in patched:
+            del block.forward  # back to the class's forward
+
+
+class ComfyDenoiser:
+    """The engine's Denoiser protocol over a ComfyUI ModelPatcher."""
+
+    def __init__(self, patcher, guidance: float = 1.0):
+        self.patcher = patcher
+        self.model = patcher.model
+        self.family = model_family(self.model)
+        self.prediction = prediction_type(self.model)
+        self.model_sampling = self.model.model_sampling
+        self.device = comfy.model_management.get_torch_device()
+        self.guidance = guidance
+
+    def load(self) -> None:
+        """Puts the model on the training device and makes its weights usable by autograd."""
+        comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
+        make_trainable(self.model.diffusion_model)
+
+    def sigma_from_u(self, u: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "flow":
+            return u.float()
+        sigmas = self.model_sampling.sigmas.to(u.device)
+        # SD-style training draws one of the model's 1000 discrete timesteps, uniformly in u.
+        idx = (u * len(sigmas)).long().clamp(0, len(sigmas) - 1)
+        return sigmas[idx].float()
+
+    def noise_input(self, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.model_sampling.noise_scaling(sigma, noise.clone(), x0)
+
+    def latent_in(self, raw_latent: torch.Tensor) -> torch.Tensor:
+        """VAE latent (what VAEEncode gives) -> the model's latent space (scale/shift)."""
+        return self.model.process_latent_in(raw_latent)
+
+    def model_conds(self, conds: list[dict], x: torch.Tensor) -> dict[str, Any]:
+        """Batch of per-image conditioning -> apply_model kwargs, via the model's own extra_conds."""
+        per_item = []
+        for i, c in enumerate(conds):
+            kw = dict(c.get("extra", {}))
+            kw.update(
+                cross_attn=c["cross_attn"][None].to(x.device),
+                device=x.device,
+                noise=x[i : i + 1],
+                guidance=self.guidance,
+            )
+            if c.get("pooled_output") is not None:
+                kw["pooled_output"] = c["pooled_output"][None].to(x.device)
+            kw.setdefault("width", x.shape[-1] * 8)
+            kw.setdefault("height", x.shape[-2] * 8)
+            per_item.append(self.model.extra_conds(**kw))
+        out = {}
+        for name, first in per_item[0].items():
+            if isinstance(first, comfy.conds.CONDConstant):
+                out[name] = first.cond
+                continue
+            batched = first.concat([p[name] for p in per_item[1:]]) if len(per_item) > 1 else first.cond
+            out[name] = batched.to(x.device) if hasattr(batched, "to") else batched
+        return out
+
+    def denoise(self, x: torch.Tensor, sigma: torch.Tensor, conds: list[dict]) -> torch.Tensor:
+        return self.model.apply_model(x, sigma, **self.model_conds(conds, x))
+
+
+def apply_lora(model, clip, weights: dict[str, torch.Tensor], strength_model: float, strength_clip: float = 0.0):
+    """MODEL (and CLIP) with a kohya-format LoRA, exactly as ComfyUI's LoraLoader applies it."""
+    return comfy.sd.load_lora_for_models(model, clip, weights, strength_model, strength_clip)
