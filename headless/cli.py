@@ -1,0 +1,201 @@
+"""`python <lora-lab folder> train ...`: the example workflow, run by ComfyUI's own executor, no browser.
+
+It starts ComfyUI headless in a throw-away base directory (this pack installed, your ComfyUI's
+models visible), queues exactly the graph of example_workflows/train_sd15_lora.json built from the
+options, shows progress, and copies the LoRA, the training report and the strength sweep into
+--output. Options mirror the nodes' inputs and defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .server import REPO_ROOT, ComfyServer, ExecutionFailed, PromptRejected, ServerError, execution_error, looks_like_comfyui, status_str
+from .workflow import REPORT_SAVE, SAVE, SWEEP_SAVE, TRAIN, TrainingOptions, training_prompt
+
+HELP = {
+    "checkpoint": "checkpoint file (path) or a name in your ComfyUI's models/checkpoints",
+    "dataset": "folder of images with .txt captions (kohya 10_name sub-folders for repeats)",
+    "mixed_precision": "fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU)",
+}
+
+
+def _guess_comfyui() -> str | None:
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        return env
+    parent = REPO_ROOT.parent.parent  # ComfyUI/custom_nodes/<this pack>
+    return str(parent) if looks_like_comfyui(parent) else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python {REPO_ROOT.name}", description="LoRA Lab: train a LoRA with ComfyUI, headless.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a LoRA (the example workflow) and write the LoRA, report and strength sweep")
+    train.add_argument("--comfyui", default=_guess_comfyui(), help="ComfyUI folder (default: $COMFYUI_PATH, or the ComfyUI this pack is installed in)")
+    train.add_argument("--output", default="lora_lab_output", help="where the LoRA, report and sweep are copied (default: ./lora_lab_output)")
+    train.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="auto: the GPU when torch sees one")
+    train.add_argument("--timeout", type=float, default=24 * 3600, help="give up after this many seconds")
+    for f in dataclasses.fields(TrainingOptions):
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is dataclasses.MISSING:
+            train.add_argument(flag, dest=f.name, required=True, help=HELP.get(f.name))
+        elif isinstance(f.default, bool):
+            train.add_argument(flag, dest=f.name, type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=f.default, metavar="true|false", help=f"default {f.default}")
+        else:
+            train.add_argument(flag, dest=f.name, type=type(f.default), default=None if f.name == "mixed_precision" else f.default, help=HELP.get(f.name, f"default {f.default}"))
+    return parser
+
+
+def _use_gpu(device: str) -> bool:
+    if device != "auto":
+        return device == "gpu"
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _prepare(args, base: Path) -> dict:
+    """Base directory for ComfyUI: your models visible, the checkpoint and dataset resolved."""
+    (base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingOptions)}
+    ckpt = Path(args.checkpoint).expanduser()
+    if ckpt.is_file():
+        os.symlink(ckpt.resolve(), base / "models" / "checkpoints" / ckpt.name)
+        opts["checkpoint"] = ckpt.name
+    dataset = Path(args.dataset).expanduser()
+    if not dataset.is_dir():
+        raise SystemExit(f"--dataset: {dataset} is not a folder; point it at your images (with .txt captions).")
+    opts["dataset"] = str(dataset.resolve())
+    models = Path(args.comfyui) / "models"
+    config = base / "extra_model_paths.yaml"
+    config.write_text(
+        "comfyui:\n"
+        f"    base_path: {json.dumps(str(models))}\n"
+        "    checkpoints: checkpoints\n    loras: loras\n    vae: vae\n    diffusion_models: |\n        diffusion_models\n        unet\n"
+        "    text_encoders: |\n        text_encoders\n        clip\n"
+    )
+    return opts
+
+
+class _Progress:
+    """Prints training progress from the server's websocket messages (when aiohttp is there)."""
+
+    def __init__(self, server: ComfyServer):
+        self.server, self.stop = server, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        try:
+            import asyncio
+
+            import aiohttp
+        except ImportError:
+            return
+
+        async def listen():
+            url = f"ws://{self.server.host}:{self.server.port}/ws?clientId={self.server.client_id}"
+            async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+                while not self.stop.is_set():
+                    try:
+                        msg = await ws.receive(timeout=0.5)
+                    except asyncio.TimeoutError:
+                        continue
+                    if msg.type != aiohttp.WSMsgType.TEXT:
+                        continue
+                    data = json.loads(msg.data)
+                    if data.get("type") == "lora_lab.progress":
+                        d = data["data"]
+                        eta = int(d.get("eta_s") or 0)
+                        loss = d.get("smoothed") if d.get("smoothed") is not None else d.get("loss")
+                        sys.stderr.write(f"\rtrain {d['step']}/{d['total']}  loss {loss:.4f}  lr {d['lr']:.2e}  eta {eta // 60}m{eta % 60:02d}s   ")
+                        sys.stderr.flush()
+
+        try:
+            asyncio.run(listen())
+        except Exception:  # progress is a nicety: the run itself is followed over HTTP
+            return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=2)
+        sys.stderr.write("\n")
+
+
+def _report_rejection(e: PromptRejected) -> str:
+    lines = ["ComfyUI refused the workflow:"]
+    for node_id, info in e.node_errors.items():
+        for err in info.get("errors", []):
+            lines.append(f"  {info.get('class_type', node_id)}: {err.get('details') or err.get('message')}")
+    if len(lines) == 1:
+        lines.append(f"  {e}")
+    return "\n".join(lines)
+
+
+def train(args) -> int:
+    if not args.comfyui or not looks_like_comfyui(args.comfyui):
+        print(f"--comfyui: {args.comfyui!r} is not a ComfyUI folder (needs main.py and comfy/). Set --comfyui or COMFYUI_PATH.", file=sys.stderr)
+        return 2
+    gpu = _use_gpu(args.device)
+    if args.mixed_precision is None:
+        args.mixed_precision = "bf16" if gpu else "fp32"
+    out = Path(args.output).expanduser().resolve()
+    with tempfile.TemporaryDirectory(prefix="lora_lab_") as tmp:
+        base = Path(tmp)
+        options = TrainingOptions(**_prepare(args, base))
+        server = ComfyServer(args.comfyui, base, cpu=not gpu, extra_args=["--extra-model-paths-config", str(base / "extra_model_paths.yaml")], startup_timeout=600)
+        try:
+            with server:
+                print(f"ComfyUI is up ({'GPU' if gpu else 'CPU'}); training {options.output_name}: {options.steps} steps, rank {options.rank}, alpha {options.alpha:g}", file=sys.stderr)
+                with _Progress(server):
+                    entry = server.wait(server.queue(training_prompt(options)), timeout=args.timeout)
+                if status_str(entry) != "success":
+                    print(f"training failed: {execution_error(entry) or status_str(entry)}", file=sys.stderr)
+                    print(f"(ComfyUI log: {server.log_path}; last lines)\n{server.log_tail(30)}", file=sys.stderr)
+                    return 1
+                return _collect(entry, server, out)
+        except PromptRejected as e:
+            print(_report_rejection(e), file=sys.stderr)
+            return 2
+        except (ServerError, ExecutionFailed, TimeoutError) as e:
+            print(f"ComfyUI problem: {e}", file=sys.stderr)
+            return 1
+
+
+def _collect(entry: dict, server: ComfyServer, out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    outputs = entry["outputs"]
+    written = []
+    lora = Path(outputs[SAVE]["text"][0])
+    written.append(shutil.copy2(lora, out / lora.name))
+    for node in (REPORT_SAVE, SWEEP_SAVE):
+        for image in outputs.get(node, {}).get("images", []):
+            written.append(shutil.copy2(server.output_file(image), out / image["filename"]))
+    ui = outputs[TRAIN]["lora_lab"][0]
+    diagnosis = ui["diagnosis"]
+    print(f"trained {ui['step']} steps. {diagnosis['headline']}")
+    for advice in diagnosis.get("advice", [])[:3]:
+        print(f"  - {advice}")
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        return train(args)
+    return 2
