@@ -176,4 +176,4 @@ def _label_strip(text: str, width: int, height: int = 28) -> np.ndarray:
             break
     w = draw.textlength(text, font=font)
     draw.text(((width - w) / 2, 4), text, fill="black", font=font)
-    return np.asarray(strip)
+    return np.array(strip)  # a writable copy for torch.from_numpy

@@ -20,7 +20,7 @@ from .loop import Session
 @dataclass
 class Entry:
     session: Session
-    fingerprint: str
+    fingerprint: dict[str, str]  # part name -> hash of what the session was built from
     target_step: int  # where the last run was heading; a Cancel leaves step < target_step
     started_at: float = 0.0  # wall-clock start of the session, for the file's metadata
 

@@ -119,13 +119,12 @@ def test_requeue_continues_without_reencoding(trained):
     srv, first, _ = trained
     entry = srv.run(training_prompt(options()), timeout=900)
     ui = train_ui(entry)
-    assert ui["step"] == 2 * STEPS
+    assert ui["step"] == 2 * STEPS, ui["notes"]
     assert ui["history"]["step"][:STEPS] == train_ui(first)["history"]["step"][:STEPS]
     # Other prompts ran in between, so ComfyUI's own cache may have dropped the dataset node's
     # output; if it ran again, every image came from the disk cache.
     if DATASET not in cached_nodes(entry):
         assert "encoded: 0, from cache: 8" in entry["outputs"][DATASET]["text"][0]
-    assert "encoded: 8, from cache: 0" in first["outputs"][DATASET]["text"][0] or DATASET in cached_nodes(first)
 
 
 def test_cancel_keeps_progress_and_continue_matches_uninterrupted(comfy_server):
