@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 
 import torch
@@ -15,6 +16,8 @@ from ..trainer.dataset import DatasetConfig, build_items, scan_folder
 from ..trainer.errors import ConfigError
 from .common import CATEGORY, DATASET, module_fingerprint, user_errors, validation_message
 
+log = logging.getLogger("lora_lab")
+
 CACHE_DIR_NAME = os.path.join("lora_lab", "cache")
 
 
@@ -24,6 +27,54 @@ def resolve_folder(folder: str) -> str:
     if not folder:
         raise ConfigError("folder", "is empty: type a folder name inside ComfyUI's input directory, or an absolute path.")
     return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
+
+
+def original_size(path: str) -> tuple[int, int]:
+    """(w, h) of the image file as it is displayed (EXIF rotation applied), from its header only."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        w, h = img.size
+        try:
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # rotated by 90 degrees
+                w, h = h, w
+        except Exception:  # noqa: BLE001 - a broken EXIF block: orientation as stored, like the loader
+            pass
+    return w, h
+
+
+def _crop_position(config: DatasetConfig, path: str, variant: int) -> tuple[float, float]:
+    """Where the crop sits in the spare room of the resized image (0.5 = centred), per variant.
+
+    Variant 0 is always centred; other variants are centred unless random_crop is on, then the
+    position is the one the dataset preparation drew for that variant.
+    """
+    if variant == 0 or not config.random_crop:
+        return 0.5, 0.5
+    from ..trainer import dataset as prep
+
+    with open(path, "rb") as f:
+        file_hash = hashlib.sha256(f.read()).hexdigest()
+    draws = prep._draws(config, prep._variant_rng(config.seed, file_hash, variant))
+    return draws.crop_x, draws.crop_y
+
+
+def size_conditioning(original: tuple[int, int], bucket: tuple[int, int], crop_at: tuple[float, float] = (0.5, 0.5)) -> dict:
+    """SDXL's size and crop conditioning for one training image, as sd-scripts computes it.
+
+    original: the file's (w, h); bucket: the training size (w, h); crop_at: the crop's place in
+    the spare room of the resized image (0.5, 0.5 = centred). The image is scaled to cover the
+    bucket, then cropped: crop_w / crop_h are the crop's top-left corner in that resized image.
+    Models without size conditioning (SD1.5, Flux) ignore these values.
+    """
+    (w, h), (bw, bh) = original, bucket
+    scale = max(bw / w, bh / h)
+    rw, rh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    return {
+        "width": w, "height": h,
+        "crop_w": round((rw - bw) * crop_at[0]), "crop_h": round((rh - bh) * crop_at[1]),
+        "target_width": bw, "target_height": bh,
+    }
 
 
 def _folder_state(folder: str) -> str:
@@ -103,7 +154,7 @@ class LoRALabDataset:
         encoders = f"{module_fingerprint(vae.first_stage_model)}:{module_fingerprint(clip.cond_stage_model)}"
         text_cache: dict[str, tuple] = {}
         examples, hits = [], 0
-        for item in items:
+        for entry, item in zip(entries, items):  # build_items keeps the entries' order, one item each
             key = cache_key(item.content_hash, encoders)
             tensors = load_entry(cache_dir, key)
             if tensors is None:
@@ -111,9 +162,12 @@ class LoRALabDataset:
                 save_entry(cache_dir, key, tensors)
             else:
                 hits += 1
-            examples.append(self._example(item, tensors))
+            original = original_size(entry.path)
+            sizes = [size_conditioning(original, item.size, _crop_position(config, entry.path, v)) for v in range(len(item.images))]
+            examples.append(self._example(item, tensors, sizes))
         fingerprint = hashlib.sha256("|".join([encoders] + [f"{i.content_hash}:{i.repeats}" for i in items]).encode()).hexdigest()[:16]
         summary = stats.to_text() + f"\nencoded: {len(items) - hits}, from cache: {hits}"
+        log.info("LoRA Lab dataset %s: %d images, encoders %s, fingerprint %s", folder, len(items), encoders, fingerprint)
         dataset = EncodedDataset(examples, fingerprint, summary, list(stats.warnings))
         return {"ui": {"text": [summary]}, "result": (dataset,)}
 
@@ -132,11 +186,13 @@ class LoRALabDataset:
         return tensors
 
     @staticmethod
-    def _example(item, tensors) -> Example:
+    def _example(item, tensors, sizes: list[dict] | None = None) -> Example:
+        """sizes: per variant, the size/crop conditioning (`size_conditioning`); default: the bucket, uncropped."""
         w, h = item.size
-        extra = {"width": w, "height": h, "crop_w": 0, "crop_h": 0, "target_width": w, "target_height": h}
+        plain = {"width": w, "height": h, "crop_w": 0, "crop_h": 0, "target_width": w, "target_height": h}
         latents, conds = [], []
         for v in range(len(item.images)):
             latents.append(tensors[f"latent.{v}"])
+            extra = dict(sizes[v]) if sizes else dict(plain)
             conds.append({"cross_attn": tensors[f"cross_attn.{v}"], "pooled_output": tensors.get(f"pooled.{v}"), "extra": extra})
         return Example(latents, conds, item.repeats, item.name)

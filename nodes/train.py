@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import asdict
 
@@ -17,7 +18,8 @@ from ..trainer.data import EncodedDataset, Example
 from ..trainer.io import build_metadata
 from ..trainer.loop import Session, TrainConfig
 from ..trainer.network import LoRANetwork, NetworkConfig
-from ..trainer.objective import LOSS_TYPES, TIMESTEP_SAMPLING, ObjectiveConfig
+from ..trainer.errors import ConfigError
+from ..trainer.objective import LOSS_TYPES, TIMESTEP_SAMPLING, ObjectiveConfig, flux_resolution_shift, validate_for_prediction
 from ..trainer.optimizers import OptimizerConfig, check_available
 from ..trainer.report import chart_points
 from ..trainer.precision import PrecisionConfig, check_device_support
@@ -26,7 +28,11 @@ from ..trainer.schedule import ScheduleConfig, preview
 from ..trainer.sessions import STORE, Entry, next_target
 from .common import CATEGORY, DATASET, HISTORY, LORA, NETWORK, OPTIMIZER, PRECISION, LoRALabNodeError, TrainedLoRA, TrainingRecord, module_fingerprint, user_errors
 
+log = logging.getLogger("lora_lab")
+
 MODES = ["continue", "restart"]
+# "flux_shift" is "shift" with Flux's resolution-dependent value, computed from the dataset.
+TIMESTEP_CHOICES = list(TIMESTEP_SAMPLING) + ["flux_shift"]
 PROGRESS_EVENT = "lora_lab.progress"
 MIN_MESSAGE_INTERVAL_S = 0.25  # bounded rate for live chart messages
 
@@ -40,9 +46,13 @@ def _send(event: str, data: dict) -> None:
         pass
 
 
-def _fingerprint(model, dataset: EncodedDataset, *configs) -> str:
-    parts = [module_fingerprint(model.model.diffusion_model), dataset.fingerprint] + [json.dumps(asdict(c), sort_keys=True, default=str) for c in configs]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+def _fingerprint(model, dataset: EncodedDataset, **configs) -> dict[str, str]:
+    """What a session was built from, part by part, so a restart can say which part changed."""
+    parts = {"model": module_fingerprint(model.model.diffusion_model), "dataset": dataset.fingerprint}
+    for name, c in configs.items():
+        text = json.dumps(c if isinstance(c, dict) else asdict(c), sort_keys=True, default=str)
+        parts[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return parts
 
 
 def _model_examples(denoiser, dataset: EncodedDataset) -> list[Example]:
@@ -53,6 +63,35 @@ def _model_examples(denoiser, dataset: EncodedDataset) -> list[Example]:
         conds = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in c.items()} for c in ex.conds]
         out.append(Example(latents, conds, ex.repeats, ex.name, dict(ex.extra)))
     return out
+
+
+def _image_tokens(dataset: EncodedDataset) -> int:
+    """Flux image tokens (2x2 latent patches) of the dataset's most common bucket."""
+    counts: dict[int, int] = {}
+    for ex in dataset.examples:
+        h, w = ex.latents[0].shape[-2:]
+        tokens = -(-h // 2) * -(-w // 2)
+        counts[tokens] = counts.get(tokens, 0) + ex.repeats
+    return max(counts, key=lambda t: (counts[t], t))
+
+
+def _objective(model, dataset: EncodedDataset, loss_type, min_snr_gamma, noise_offset, timestep_sampling, flow_shift) -> tuple[ObjectiveConfig, str | None]:
+    """The engine's objective from the node's inputs; 'flux_shift' becomes 'shift' with the value
+    Flux uses at the dataset's resolution. Settings that don't apply to the model are refused here,
+    before anything is loaded, naming the input."""
+    prediction = comfy_adapter.prediction_type(model.model)
+    note = None
+    shift = flow_shift
+    if timestep_sampling == "flux_shift":
+        if prediction != "flow":
+            raise ConfigError("timestep_sampling", "flux_shift is for flow models such as Flux; use uniform for SD1.5 and SDXL.")
+        tokens = _image_tokens(dataset)
+        shift = flux_resolution_shift(tokens)
+        timestep_sampling = "shift"
+        note = f"flux_shift: shift {shift:.3f} for {tokens} image tokens."
+    objective = ObjectiveConfig(loss_type=loss_type, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, timestep_sampling=timestep_sampling, shift=shift)
+    validate_for_prediction(objective, prediction)
+    return objective, note
 
 
 class LoRALabTrain:
@@ -78,16 +117,18 @@ class LoRALabTrain:
                 "gradient_accumulation": ("INT", {"default": 1, "min": 1, "max": 128, "tooltip": "Batches per optimizer step: an effective batch of batch_size x this, without the memory."}),
                 "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Same seed, same settings: the same loss curve, step for step."}),
                 "mode": (MODES, {"default": "continue", "tooltip": "continue: keep training the LoRA this node trained before (or finish a cancelled run). restart: start a new LoRA from scratch."}),
-                "output_name": ("STRING", {"default": "my_lora", "tooltip": "Name written into the LoRA's metadata (and used by save_every)."}),
+                "output_name": ("STRING", {"default": "my_lora", "tooltip": "Name written into the LoRA's metadata (ss_output_name)."}),
             },
             "optional": {
                 "network": (NETWORK, {"tooltip": "LoRA Network settings; default rank 16, alpha 16."}),
                 "optimizer": (OPTIMIZER, {"tooltip": "Optimizer + schedule; default AdamW, unet_lr 1e-4, cosine, 5% warmup."}),
                 "precision": (PRECISION, {"tooltip": "Precision settings; default fp32 on CPU, bf16 on GPU."}),
                 "loss_type": (list(LOSS_TYPES), {"default": "mse", "tooltip": "mse is standard; huber/smooth_l1 are more robust to outlier images."}),
-                "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.5, "tooltip": "Min-SNR weighting (5 is typical for SD1.5/SDXL; 0 = off). Not applicable to flow models such as Flux: leave at 0 there."}),
+                "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.5, "tooltip": "Min-SNR weighting (5 is typical for SD1.5/SDXL; 0 = off). Flow models such as Flux don't use it: training Flux with a value > 0 stops with an error, leave it at 0 there."}),
                 "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Helps very dark/bright images; 0.05-0.1 typical, 0 = off."}),
-                "timestep_sampling": (list(TIMESTEP_SAMPLING), {"default": "uniform", "tooltip": "How noise levels are drawn. uniform for SD1.5/SDXL; sigmoid/shift/logit_normal for Flux."}),
+                "timestep_sampling": (TIMESTEP_CHOICES, {"default": "uniform", "tooltip": "How noise levels are drawn. uniform for SD1.5/SDXL. Flux: sigmoid, logit_normal, shift (uses flow_shift) or flux_shift (Flux's resolution-dependent shift, from the dataset's image size)."}),
+                "flow_shift": ("FLOAT", {"default": 3.0, "min": 0.1, "max": 20.0, "step": 0.1, "tooltip": "Used by timestep_sampling 'shift' only: > 1 trains more at high noise (3.0-3.2 is Flux-dev style), 1 = no shift."}),
+                "guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux-dev only: the guidance value the model is conditioned on while training. 1.0 is the usual choice for LoRAs; sample with your normal guidance (e.g. 3.5) afterwards. Other models ignore it."}),
                 "validation_split": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.45, "step": 0.05, "tooltip": "Share of images held out to measure validation loss at fixed noise: the best sign of over-fitting. 0 = off."}),
                 "epochs": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "If > 0, train this many epochs (images x repeats / batch) instead of 'steps'."}),
                 "continue_from": (LORA, {"tooltip": "Chain Train nodes: continue the session that trained this LoRA (train 200, preview, train 200 more)."}),
@@ -106,12 +147,12 @@ class LoRALabTrain:
         return True
 
     @user_errors
-    def train(self, model, dataset, steps, batch_size, gradient_accumulation, seed, mode, output_name, network=None, optimizer=None, precision=None, loss_type="mse", min_snr_gamma=0.0, noise_offset=0.0, timestep_sampling="uniform", validation_split=0.0, epochs=0, continue_from=None, unique_id=None):
+    def train(self, model, dataset, steps, batch_size, gradient_accumulation, seed, mode, output_name, network=None, optimizer=None, precision=None, loss_type="mse", min_snr_gamma=0.0, noise_offset=0.0, timestep_sampling="uniform", validation_split=0.0, epochs=0, continue_from=None, flow_shift=3.0, guidance=1.0, unique_id=None):
         device = comfy.model_management.get_torch_device()
         network = network or NetworkConfig()
         opt_config, sched_config = optimizer or (OptimizerConfig(), ScheduleConfig(name="cosine", warmup_ratio=0.05))
         precision = precision or PrecisionConfig(mixed_precision="fp32" if device.type == "cpu" else "bf16")
-        objective = ObjectiveConfig(loss_type=loss_type, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset, timestep_sampling=timestep_sampling)
+        objective, objective_note = _objective(model, dataset, loss_type, min_snr_gamma, noise_offset, timestep_sampling, flow_shift)
         train_config = TrainConfig(steps=steps if not epochs else 0, epochs=epochs, batch_size=batch_size, gradient_accumulation=gradient_accumulation, seed=seed, validation_split=validation_split)
         problem = check_available(opt_config.name, device)
         if problem:
@@ -119,29 +160,35 @@ class LoRALabTrain:
         warning = check_device_support(precision, device)
 
         key = continue_from.session_key if continue_from is not None else f"train:{unique_id}"
-        fingerprint = _fingerprint(model, dataset, network, opt_config, sched_config, precision, objective, train_config.__class__(**{**asdict(train_config), "steps": 1, "epochs": 0}))
-        notes = [warning] if warning else []
+        fingerprint = _fingerprint(
+            model, dataset, network=network, optimizer=opt_config, schedule=sched_config, precision=precision, objective=objective,
+            training=train_config.__class__(**{**asdict(train_config), "steps": 1, "epochs": 0}), guidance={"guidance": guidance},
+        )
+        notes = [n for n in (warning, objective_note) if n]
         with torch.inference_mode(False):
             entry = STORE.get(key)
             if continue_from is not None and entry is None:
                 raise LoRALabNodeError("continue_from: that training session is gone (ComfyUI restarted or the node was reset); queue the first Train node again.")
             if entry is None or (continue_from is None and (mode == "restart" or entry.fingerprint != fingerprint)):
                 if entry is not None and mode == "continue":
-                    notes.append("Settings, model or dataset changed since the last run: started a new LoRA.")
+                    changed = [k for k in fingerprint if entry.fingerprint.get(k) != fingerprint[k]]
+                    notes.append(f"Started a new LoRA: the {', '.join(changed)} changed since the last run (set mode to 'continue' with the same inputs to keep training).")
                 STORE.release(key)
-                entry = Entry(self._new_session(model, dataset, network, opt_config, sched_config, precision, objective, train_config), fingerprint, 0, time.time())
+                entry = Entry(self._new_session(model, dataset, network, opt_config, sched_config, precision, objective, train_config, guidance), fingerprint, 0, time.time())
                 STORE.put(key, entry)
             session = entry.session
             if session.denoiser.model is not model.model:
                 # The same checkpoint, loaded again by ComfyUI (the fingerprint matched): train on
                 # the instance the workflow holds now instead of keeping the old one alive.
-                denoiser = comfy_adapter.ComfyDenoiser(model.clone())
+                denoiser = comfy_adapter.ComfyDenoiser(model.clone(), guidance=guidance)
                 session.network.rebind(comfy_adapter.unet_targets(denoiser.model, session.network.config))
                 session.denoiser = denoiser
             until = next_target(entry, session.total_steps if epochs else steps)
             entry.target_step = until
             session.denoiser.load()
-            self._run(session, until, unique_id)
+            with comfy_adapter.fp8_base(session.denoiser.model.diffusion_model, session.precision.fp8_base):
+                notes.append(self._check_memory(session, device))
+                self._run(session, until, unique_id)
             lora = self._result(session, entry, key, output_name, opt_config, sched_config, precision)
             out_model = comfy_adapter.apply_lora(model, None, lora.weights, 1.0)[0]
         diagnosis = session.diagnosis()
@@ -155,13 +202,30 @@ class LoRALabTrain:
         return {"ui": ui, "result": (out_model, lora, record)}
 
     @staticmethod
-    def _new_session(model, dataset, network, opt_config, sched_config, precision, objective, train_config) -> Session:
+    def _new_session(model, dataset, network, opt_config, sched_config, precision, objective, train_config, guidance=1.0) -> Session:
         patcher = model.clone()
-        denoiser = comfy_adapter.ComfyDenoiser(patcher)
+        denoiser = comfy_adapter.ComfyDenoiser(patcher, guidance=guidance)
         targets = comfy_adapter.unet_targets(denoiser.model, network)
-        lora_network = LoRANetwork(targets, network)
+        with torch.random.fork_rng(devices=[]):  # the LoRA's initial weights follow the seed too
+            torch.manual_seed(train_config.seed)
+            lora_network = LoRANetwork(targets, network)
         examples = _model_examples(denoiser, dataset)
         return Session(denoiser, examples, lora_network, optimizer=opt_config, schedule=sched_config, precision=precision, objective=objective, train=train_config)
+
+    @staticmethod
+    def _check_memory(session: Session, device) -> str:
+        """Estimates the run's peak memory (once per session), logs it, and stops with the ways to
+        fit when it exceeds what is free on the device. Returns the line for the node's notes."""
+        estimate = getattr(session, "memory_estimate", None)
+        if estimate is None:
+            estimate = comfy_adapter.estimate_memory(session.denoiser, session.network, session.examples, session.optimizer_config.name, session.train.batch_size, session.precision)
+            session.memory_estimate = estimate
+        text = estimate.to_text()
+        log.info("LoRA Lab: %s", text)
+        # Already in memory: the loaded weights (and, training on CPU, the encoded dataset and fp8's copies).
+        resident = comfy_adapter.resident_bytes(session.denoiser.model.diffusion_model) + estimate.parts.get("dataset", 0) + estimate.parts.get("fp8 originals", 0)
+        estimate.check_fits(comfy_adapter.free_memory_bytes(device), resident, str(device))
+        return text[0].upper() + text[1:] + "."
 
     @staticmethod
     def _run(session: Session, until: int, unique_id) -> None:

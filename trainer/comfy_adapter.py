@@ -103,6 +103,23 @@ def unet_targets(model, config: NetworkConfig) -> list[Target]:
     )
 
 
+def checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks gradient checkpointing recomputes, in forward order: Flux's double/single blocks;
+    for UNets the layers of each input/middle/output block (ResBlock, SpatialTransformer, ...),
+    because ComfyUI's UNet runs those layers one by one and never calls the containing block."""
+    out = []
+    for attr in CHECKPOINT_BLOCKS:
+        blocks = getattr(diffusion_model, attr, None)
+        if blocks is None:
+            continue
+        for block in blocks if isinstance(blocks, torch.nn.ModuleList) else [blocks]:
+            if type(block).__name__ == "TimestepEmbedSequential":
+                out.extend(block.children())
+            else:
+                out.append(block)
+    return out
+
+
 def make_trainable(module: torch.nn.Module) -> None:
     """Frozen, and no inference tensors left (ComfyUI loads weights under inference_mode).
 
@@ -121,27 +138,110 @@ def make_trainable(module: torch.nn.Module) -> None:
                     sub._buffers[name] = b.clone()
 
 
+def _clone_tensors(args: tuple) -> tuple:
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _clone_tensor_kwargs(kwargs: dict) -> dict:
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+
+
+@contextmanager
+def autograd_safe(diffusion_model: torch.nn.Module) -> Iterator[None]:
+    """Makes blocks that update activations in place trainable, for the duration of the block.
+
+    ComfyUI's Flux blocks write `x += ...` / `txt += ...` into tensors their LayerNorms have
+    saved for backward; with a LoRA upstream those tensors require grad and backward fails with
+    "modified by an inplace operation". A pre-hook hands each such LayerNorm a copy of its input
+    (the copy is what gets saved), so the in-place update no longer touches a saved tensor. The
+    values computed are unchanged. UNet models need nothing and get no hooks.
+    """
+    handles = []
+    for block in diffusion_model.modules():
+        if type(block).__name__ not in FLUX_CONTAINERS:
+            continue
+        for sub in block.modules():
+            if isinstance(sub, torch.nn.LayerNorm):
+                handles.append(sub.register_forward_pre_hook(lambda m, args: _clone_tensors(args)))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def _hooks_of(block: torch.nn.Module) -> list:
+    """The forward hooks installed in `block` right now (the LoRA's, fp8's, autograd_safe's)."""
+    out = []
+    for m in block.modules():
+        dicts = [getattr(m, d, None) for d in _HOOK_DICTS]
+        if any(dicts):
+            out.append((m, [type(d)(d) if d is not None else None for d in dicts]))
+    return out
+
+
+@contextmanager
+def _hooks_restored(snapshot: list) -> Iterator[None]:
+    saved = []
+    for m, dicts in snapshot:
+        saved.append((m, [getattr(m, d, None) for d in _HOOK_DICTS]))
+        for name, d in zip(_HOOK_DICTS, dicts):
+            if d is not None:
+                setattr(m, name, d)
+    try:
+        yield
+    finally:
+        for m, dicts in saved:
+            for name, d in zip(_HOOK_DICTS, dicts):
+                if d is not None:
+                    setattr(m, name, d)
+
+
 @contextmanager
 def gradient_checkpointing(diffusion_model: torch.nn.Module) -> Iterator[None]:
     """Recompute each top-level block in backward instead of keeping its activations.
 
     Installed on the instances for the duration of training only, then removed.
+
+    The LoRA is applied by forward hooks that exist only during the engine's forward call, but
+    the recomputation runs later, inside backward: each block therefore recomputes with the hooks
+    it had during its forward (otherwise it would compute without the LoRA, and torch stops with
+    "a different number of tensors was saved"). A Flux block updates its input tensor in place,
+    which would hand the recomputation the block's *output* instead of its input (silently wrong
+    gradients): inside the checkpoint, such blocks work on a copy of their inputs.
     """
     from torch.utils.checkpoint import checkpoint
 
     patched = []
-    for attr in CHECKPOINT_BLOCKS:
-        blocks = getattr(diffusion_model, attr, None)
-        if blocks is None:
-            continue
-        for block in blocks if isinstance(blocks, torch.nn.ModuleList) else [blocks]:
-            original = block.forward
+    for block in checkpoint_blocks(diffusion_model):
+        original = block.forward
+        if type(block).__name__ in FLUX_CONTAINERS:
 
-            def forward(*args, _f=original, **kwargs):
-                return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+            def run(*args, _f=original, **kwargs):
+                return _f(*_clone_tensors(args), **_clone_tensor_kwargs(kwargs))
 
-            block.forward = forward
-            patched.append(block)
+        else:
+            run = original
+
+        def forward(*args, _run=run, _block=block, **kwargs):
+            if not torch.is_grad_enabled():
+                return _run(*args, **kwargs)
+            hooks, calls = _hooks_of(_block), []
+
+            def once_then_with_hooks(*a, **kw):
+                if not calls:  # the forward itself: the hooks are in place
+                    calls.append(1)
+                    return _run(*a, **kw)
+                with _hooks_restored(hooks):  # the recomputation, during backward
+                    return _run(*a, **kw)
+
+            return checkpoint(once_then_with_hooks, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+        patched.append(block)
     try:
         yield
     finally:
@@ -207,7 +307,93 @@ class ComfyDenoiser:
         return out
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, conds: list[dict]) -> torch.Tensor:
-        return self.model.apply_model(x, sigma, **self.model_conds(conds, x))
+        kwargs = self.model_conds(conds, x)
+        if not torch.is_grad_enabled():
+            return self.model.apply_model(x, sigma, **kwargs)
+        with autograd_safe(self.model.diffusion_model):
+            return self.model.apply_model(x, sigma, **kwargs)
+
+
+@contextmanager
+def fp8_base(diffusion_model: torch.nn.Module, enabled: bool) -> Iterator[None]:
+    """Base Linear/Conv weights stored as fp8 for the duration of the block (PrecisionConfig.fp8_base).
+
+    The MODEL is shared with the rest of the workflow, so an exact copy of each weight waits in
+    host memory and is put back afterwards: sampling with the original MODEL is unchanged. Weights
+    ComfyUI already stores in fp8 (UNETLoader weight_dtype fp8_*) are left as they are.
+    """
+    if not enabled:
+        yield
+        return
+    from .precision import store_base_fp8
+
+    handle = store_base_fp8(diffusion_model.modules(), keep_original=True)
+    try:
+        yield
+    finally:
+        handle.restore()
+
+
+def resident_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.parameters()) + sum(t.numel() * t.element_size() for t in module.buffers())
+
+
+def estimate_memory(denoiser: "ComfyDenoiser", network, examples, optimizer: str, batch_size: int, precision) -> "MemoryEstimate":
+    """Peak memory of training this session, from one probe forward of a batch at the largest bucket.
+
+    Call with the model loaded, inside fp8_base / autocast as training will run.
+    """
+    from .memory import estimate_peak_bytes, probe_activations
+    from .precision import autocast
+
+    dm = denoiser.model.diffusion_model
+    device = denoiser.device
+    ex = max(examples, key=lambda e: e.latents[0].numel())
+    x0 = ex.latents[0][None].to(device, torch.float32).expand(batch_size, *ex.latents[0].shape).contiguous()
+    sigma = denoiser.sigma_from_u(torch.full((batch_size,), 0.5, device=device))
+    x = denoiser.noise_input(x0, torch.zeros_like(x0), sigma)
+
+    def forward():
+        with autocast(precision, device), network.applied():
+            denoiser.denoise(x, sigma, [ex.conds[0]] * batch_size)
+
+    profile = probe_activations(forward, checkpoint_blocks(dm), exclude=list(dm.parameters()) + list(dm.buffers()), batch=batch_size)
+    return estimate_peak_bytes(
+        resident_bytes(dm),
+        [p.numel() for p in network.parameters() if p.requires_grad],
+        optimizer,
+        profile,
+        batch_size,
+        precision.gradient_checkpointing,
+        snapshot_on_device=device.type == "cpu",
+        dataset_bytes=_dataset_bytes(examples) if device.type == "cpu" else 0,
+        extra={"fp8 originals": _fp8_original_bytes(dm)} if device.type == "cpu" and precision.fp8_base else None,
+    )
+
+
+def _fp8_original_bytes(diffusion_model: torch.nn.Module) -> int:
+    """The exact copies fp8_base keeps in host memory (the same memory when training on CPU)."""
+    from .precision import FP8_DTYPE
+
+    itemsize = torch.empty((), dtype=getattr(diffusion_model, "dtype", None) or torch.float32).element_size()
+    return sum(m.weight.numel() * itemsize for m in diffusion_model.modules() if hasattr(m, "weight_fp8_scale") and m.weight.dtype == FP8_DTYPE)
+
+
+def _dataset_bytes(examples) -> int:
+    seen, total = set(), 0
+    for ex in examples:
+        tensors = list(ex.latents) + [v for c in ex.conds if isinstance(c, dict) for v in c.values() if isinstance(v, torch.Tensor)]
+        for t in tensors:
+            key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += key[1]
+    return total
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """What ComfyUI reports as free on the device (VRAM plus its allocator cache; RAM on CPU)."""
+    return int(comfy.model_management.get_free_memory(device))
 
 
 def apply_lora(model, clip, weights: dict[str, torch.Tensor], strength_model: float, strength_clip: float = 0.0):

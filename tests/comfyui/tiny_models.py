@@ -204,6 +204,286 @@ def make_tiny_sd15_checkpoint(path, seed=0, comfyui_path=None, dtype="fp32") -> 
     }
 
 
+# ---------------------------------------------------------------- SDXL and Flux
+
+# SDXL detection (comfy.supported_models.SDXL) pins model_channels 320, linear proj_in, context 2048,
+# ADM 2816 and the per-input-block transformer depths [0, 0, 2, 2, 10, 10] (so 3 levels of 2 res
+# blocks). Channel multipliers, output-block depths and the middle block are read from the weights:
+# every level stays at 320 channels and the decoder/middle get depth 1, which keeps the UNet at
+# ~140 M parameters (the real one has 2.6 B) while ComfyUI still loads it as SDXL.
+TINY_SDXL_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [2, 2, 2],
+    "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+    "channel_mult": [1, 1, 1],
+    "transformer_depth_middle": 1,
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+    "num_heads": -1,
+    "num_head_channels": 64,
+}
+TINY_SDXL_UNET_NAME = "lora_lab_tiny_sdxl_unet.safetensors"  # models/diffusion_models/<this>
+
+# Flux: ComfyUI's detection fixes hidden size 3072 / 24 heads, so a narrow Flux cannot come from a
+# file; it is built in-process from ComfyUI's own Flux classes (`load_tiny_flux`). Text width 4096
+# (T5-XXL), pooled 768 (CLIP-L), 16 latent channels and patch 2 are the real ones.
+TINY_FLUX_CONFIG = {
+    "image_model": "flux",
+    "in_channels": 16,
+    "out_channels": 16,
+    "vec_in_dim": 768,
+    "context_in_dim": 4096,
+    "hidden_size": 128,
+    "mlp_ratio": 4.0,
+    "num_heads": 2,
+    "depth": 2,
+    "depth_single_blocks": 2,
+    "axes_dim": [8, 28, 28],
+    "theta": 10000,
+    "patch_size": 2,
+    "qkv_bias": True,
+    "guidance_embed": True,
+}
+# The real widths with 1 double + 1 single block: the layout UNETLoader detects as Flux (dev).
+FULL_WIDTH_FLUX_CONFIG = dict(TINY_FLUX_CONFIG, hidden_size=3072, num_heads=24, axes_dim=[16, 56, 56], depth=1, depth_single_blocks=1)
+
+# Per family: text tokens, text width, pooled width, latent channels (what the stand-in encoders give).
+ENCODER_DIMS = {"sdxl": (77, 2048, 1280, 4), "flux": (32, 4096, 768, 16)}
+
+
+def _seeded_state_dict(module, seed, out_dtype=None, skip=()):
+    import torch
+    gen = torch.Generator().manual_seed(int(seed))
+    sd = {}
+    for name, v in sorted(module.state_dict().items()):
+        if name in skip:
+            continue
+        t = _init_tensor(name, tuple(v.shape), v.dtype if not v.is_floating_point() else torch.float32, gen)
+        if out_dtype is not None and t.is_floating_point():
+            t = t.to(out_dtype)
+        sd[name] = t.contiguous()
+    return sd
+
+
+def tiny_sdxl_unet(comfyui_path, device="meta"):
+    import torch
+    comfy = _import_comfy(comfyui_path)
+    with torch.device(device):
+        return comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel(
+            **TINY_SDXL_UNET_CONFIG, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+
+
+def detected_config_name(comfyui_path, sd) -> str:
+    """ComfyUI's own detection on a diffusion-model state dict (tensors may be on 'meta')."""
+    _import_comfy(comfyui_path)
+    import comfy.model_detection
+    cfg = comfy.model_detection.model_config_from_unet(sd, "")
+    return type(cfg).__name__ if cfg is not None else "None"
+
+
+def make_tiny_sdxl_unet(path, seed=0, comfyui_path=None) -> dict:
+    """Write a tiny seeded SDXL UNet (diffusion_models format, fp32) that UNETLoader loads as SDXL."""
+    import torch
+    from safetensors.torch import save_file
+
+    comfyui_path = comfyui_path or os.environ.get("COMFYUI_PATH")
+    t0 = time.perf_counter()
+    meta = tiny_sdxl_unet(comfyui_path).state_dict()
+    detected = detected_config_name(comfyui_path, {k: torch.empty(v.shape, device="meta") for k, v in meta.items()})
+    if detected != "SDXL":
+        raise RuntimeError(f"tiny SDXL UNet is detected as {detected}, not SDXL")
+    sd = _seeded_state_dict(tiny_sdxl_unet(comfyui_path), seed)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    save_file(sd, str(tmp), metadata={"format": "pt", "lora_lab_test": "tiny-sdxl-unet", "seed": str(seed)})
+    os.replace(tmp, path)
+    return {"path": str(path), "detected": detected, "seed": int(seed), "params": {"unet": sum(t.numel() for t in sd.values())},
+            "bytes": path.stat().st_size, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def flux_state_dict(seed=0, config=None, comfyui_path=None):
+    """Seeded weights for a Flux of `config` (default TINY_FLUX_CONFIG), from ComfyUI's Flux class."""
+    import torch
+    if "comfy.model_management" not in sys.modules:  # not inside a running ComfyUI: import it for CPU
+        _import_comfy(comfyui_path or os.environ.get("COMFYUI_PATH"))
+    import comfy.ops
+    import comfy.ldm.flux.model
+    config = dict(config or TINY_FLUX_CONFIG)
+    with torch.device("meta"):
+        model = comfy.ldm.flux.model.Flux(**config, dtype=torch.float32, operations=comfy.ops.disable_weight_init)
+    sd = _seeded_state_dict(model, seed)
+    for k in sd:  # modulation / norm scales as real checkpoints have them: RMSNorm scale 1
+        if k.endswith(".scale"):
+            sd[k] = torch.ones_like(sd[k])
+    return sd
+
+
+def load_tiny_flux(seed=0, config=None, dtype=None):
+    """A Flux ModelPatcher built in-process exactly as comfy.sd.load_diffusion_model_state_dict
+    builds one, but from `config` instead of the detected (3072-wide) one."""
+    import torch
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    config = dict(config or TINY_FLUX_CONFIG)
+    sd = flux_state_dict(seed, config)
+    model_config = comfy.supported_models.Flux(config)
+    unet_dtype = dtype or torch.float32
+    model_config.set_inference_dtype(unet_dtype, None)
+    model = model_config.get_model(sd, "")
+    model = model.to(comfy.model_management.unet_offload_device())
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+# ---------------------------------------------------------------- stand-in text encoder and VAE
+# Real SDXL (CLIP-L + 32-layer CLIP-G) and Flux (CLIP-L + T5-XXL) text encoders are gigabytes and
+# cannot be shrunk (ComfyUI fixes their configs). These stand-ins give conditioning of the real
+# shapes, a deterministic function of the caption's words, and a linear 8x "VAE" with the family's
+# latent channels; they implement the parts of ComfyUI's CLIP / VAE objects the workflow uses.
+
+
+def _word_vector(word, dim, salt):
+    import hashlib
+    import torch
+    seed = int.from_bytes(hashlib.sha256(f"{salt}:{dim}:{word}".encode()).digest()[:8], "big") >> 1
+    return torch.randn(dim, generator=torch.Generator().manual_seed(seed))
+
+
+class TinyTextEncoder:
+    """Stands in for ComfyUI's CLIP object: tokenize / encode_from_tokens_scheduled / cond_stage_model."""
+
+    def __init__(self, family):
+        import torch
+        self.family = family
+        self.tokens, self.width, self.pooled_width, _ = ENCODER_DIMS[family]
+        self.cond_stage_model = torch.nn.Module()
+        self.cond_stage_model.register_buffer("dims", torch.tensor([self.tokens, self.width, self.pooled_width, hash(family) % 997]))
+
+    def tokenize(self, text, **kw):
+        return [w for w in str(text).lower().replace(",", " ").split() if w]
+
+    def encode_from_tokens_scheduled(self, tokens, **kw):
+        import torch
+        words = list(tokens)[: self.tokens]
+        rows = [_word_vector(w, self.width, "cross") for w in words]
+        rows += [_word_vector("<pad>", self.width, "cross") * 0.1] * (self.tokens - len(rows))
+        cross = torch.stack(rows)[None]
+        pooled = (torch.stack([_word_vector(w, self.pooled_width, "pooled") for w in words]).mean(0) if words
+                  else torch.zeros(self.pooled_width))[None]
+        return [[cross, {"pooled_output": pooled}]]
+
+
+class TinyVAE:
+    """Stands in for ComfyUI's VAE: 8x average pooling and a fixed linear map to the family's
+    latent channels, scaled so the model sees unit-scale latents after process_latent_in."""
+
+    def __init__(self, family, seed=0):
+        import torch
+        self.family = family
+        channels = ENCODER_DIMS[family][3]
+        g = torch.Generator().manual_seed(1000 + int(seed))
+        m = torch.randn(channels, 3, generator=g)
+        self.first_stage_model = torch.nn.Module()
+        self.first_stage_model.register_buffer("proj", m)
+        self.first_stage_model.register_buffer("unproj", torch.linalg.pinv(m))
+        self.scale, self.shift = (0.13025, 0.0) if family == "sdxl" else (0.3611, 0.1159)
+        self.downscale_ratio = 8
+        self.latent_channels = channels
+
+    def encode(self, pixels):
+        import torch
+        x = pixels[..., :3].movedim(-1, 1).float() * 2 - 1
+        x = torch.nn.functional.avg_pool2d(x, 8)
+        z = torch.einsum("ck,bkhw->bchw", self.first_stage_model.proj, x) * 2
+        return z / self.scale + self.shift
+
+    def decode(self, latent):
+        import torch
+        z = (latent.float() - self.shift) * self.scale / 2
+        x = torch.einsum("kc,bchw->bkhw", self.first_stage_model.unproj, z)
+        x = torch.nn.functional.interpolate(x, scale_factor=8, mode="nearest")
+        return ((x + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+class LoRALabTestEncoders:
+    """Test-only node: the stand-in CLIP and VAE of a family."""
+    CATEGORY = "LoRA Lab tests"
+    RETURN_TYPES = ("CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (["sdxl", "flux"],)}}
+
+    def load(self, family):
+        return TinyTextEncoder(family), TinyVAE(family)
+
+
+class LoRALabTestTinyFlux:
+    """Test-only node: the narrow seeded Flux MODEL (see TINY_FLUX_CONFIG)."""
+    CATEGORY = "LoRA Lab tests"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    def load(self, seed):
+        return (load_tiny_flux(seed),)
+
+
+class LoRALabTestDatasetInfo:
+    """Test-only node: each example's name and size/crop conditioning, as JSON text."""
+    CATEGORY = "LoRA Lab tests"
+    RETURN_TYPES = ()
+    FUNCTION = "info"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"dataset": ("LORALAB_DATASET",)}}
+
+    def info(self, dataset):
+        rows = [{"name": ex.name, "latent": list(ex.latents[0].shape), "extra": [dict(c.get("extra", {})) for c in ex.conds]}
+                for ex in dataset.examples]
+        return {"ui": {"text": [json.dumps(rows)]}, "result": ()}
+
+
+TEST_NODE_CLASS_MAPPINGS = {"LoRALabTestEncoders": LoRALabTestEncoders, "LoRALabTestTinyFlux": LoRALabTestTinyFlux,
+                            "LoRALabTestDatasetInfo": LoRALabTestDatasetInfo}
+
+
+def install_test_nodes(custom_nodes_dir, name="lora_lab_test_nodes"):
+    """Writes a custom-node pack that registers TEST_NODE_CLASS_MAPPINGS from this file."""
+    d = Path(custom_nodes_dir) / name
+    d.mkdir(parents=True, exist_ok=True)
+    here = str(Path(__file__).resolve().parent)
+    (d / "__init__.py").write_text(
+        "import importlib.util, sys\n"
+        f"_spec = importlib.util.spec_from_file_location('lora_lab_tiny_models', {str(Path(here) / 'tiny_models.py')!r})\n"
+        "_m = importlib.util.module_from_spec(_spec)\n"
+        "sys.modules['lora_lab_tiny_models'] = _m\n"
+        "_spec.loader.exec_module(_m)\n"
+        "NODE_CLASS_MAPPINGS = _m.TEST_NODE_CLASS_MAPPINGS\n",
+        encoding="utf-8")
+    return d
+
+
 # ---------------------------------------------------------------- dataset
 
 _COLORS = [
@@ -282,8 +562,13 @@ def main(argv=None):
     ap.add_argument("--comfyui", default=None, help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32")
     ap.add_argument("--dataset", default=None, help="also write an 8-image dataset into this folder")
+    ap.add_argument("--family", choices=["sd15", "sdxl"], default="sd15",
+                    help="sd15: full checkpoint; sdxl: a UNet-only file for models/diffusion_models")
     a = ap.parse_args(argv)
-    info = make_tiny_sd15_checkpoint(a.out, seed=a.seed, comfyui_path=a.comfyui, dtype=a.dtype)
+    if a.family == "sdxl":
+        info = make_tiny_sdxl_unet(a.out, seed=a.seed, comfyui_path=a.comfyui)
+    else:
+        info = make_tiny_sd15_checkpoint(a.out, seed=a.seed, comfyui_path=a.comfyui, dtype=a.dtype)
     if a.dataset:
         make_dataset(a.dataset, seed=a.seed)
     print(json.dumps(info))
