@@ -48,6 +48,8 @@ CONTROL_VALUE = "fixed"
 
 # LiteGraph metrics (px) used to size nodes so their widgets fit.
 TITLE_H, SLOT_H, WIDGET_H, NODE_W = 30, 20, 24, 320
+# Room for the pack's own drawn widgets (web/lora_lab.js): (minimum width, extra height).
+EXTRA_ROOM = {"LoRALabTrain": (460, 300), "LoRALabOptimizer": (NODE_W, 140), "LoRALabDataset": (NODE_W, 110)}
 GROUP_PAD, GROUP_HEADER = 24, 40
 
 EXAMPLE_OPTIONS = TrainingOptions(checkpoint="v1-5-pruned-emaonly.safetensors", dataset="lora_dataset",
@@ -137,7 +139,8 @@ def node_size(class_type: str, object_info: dict) -> list[int]:
             height += WIDGET_H * (2 if has_control(name, spec) else 1)
     if info.get("output_node") and not info.get("output"):  # SaveImage & co: room for the preview
         width, height = 440, height + 300
-    return [width, max(height, 46)]
+    min_width, extra = EXTRA_ROOM.get(class_type, (0, 0))
+    return [max(width, min_width), max(height + extra, 46)]
 
 
 # ----------------------------------------------------------------- conversion

@@ -31,3 +31,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoRALabTrainingReport": "LoRA Lab Training Report",
     "LoRALabEvaluate": "LoRA Lab Evaluate (PSNR/SSIM)",
 }
+
+from . import routes  # noqa: F401,E402  (registers HTTP routes for the browser extension)

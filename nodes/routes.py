@@ -1,0 +1,88 @@
+"""HTTP routes the browser extension (web/lora_lab.js) calls.
+
+POST /lora_lab/schedule_preview   (also reachable as /api/lora_lab/schedule_preview)
+    JSON body, every field optional (missing ones take the Optimizer node's defaults):
+        {"scheduler": "cosine", "warmup_ratio": 0.05, "warmup_steps": 0, "min_lr_ratio": 0.0,
+         "cycles": 1, "power": 1.0, "unet_lr": 1e-4, "steps": 1000, "points": 200}
+    200 -> {"points": [[step, lr], ...], "steps": T, "warmup_steps": W, "base_lr": unet_lr}
+           The curve is trainer.schedule.preview on the config the Optimizer node builds
+           (LoRALabOptimizer._configs), so the chart is exactly what trains.
+    200 -> {"error": "field: message", "field": "field"} when the settings are invalid (a 200, so
+           a half-edited widget does not log a failed request in the browser console).
+    400 -> {"error": ...} when the body is not a JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from ..trainer.errors import ConfigError
+from ..trainer.schedule import preview, warmup_steps_for
+from .config import LoRALabOptimizer
+
+SCHEDULE_PREVIEW_PATH = "/lora_lab/schedule_preview"
+DEFAULT_PREVIEW_STEPS = 1000
+MAX_PREVIEW_POINTS = 1000
+
+_INT_FIELDS = ("warmup_steps", "cycles", "steps", "points")
+_SCHEDULE_FIELDS = ("scheduler", "warmup_ratio", "warmup_steps", "min_lr_ratio", "cycles", "power")
+
+
+def _optimizer_defaults() -> dict:
+    required = LoRALabOptimizer.INPUT_TYPES()["required"]
+    return {name: spec[1]["default"] for name, spec in required.items()}
+
+
+def _whole(value):
+    """JSON has one number type: 1000.0 from a browser is the whole number 1000."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return value
+
+
+def schedule_preview(body: dict) -> dict:
+    """The route's answer for a parsed body (see the module docstring). Never raises ConfigError."""
+    values = _optimizer_defaults()
+    values.update({k: body[k] for k in ("unet_lr", *_SCHEDULE_FIELDS) if k in body and body[k] is not None})
+    steps = _whole(body.get("steps", DEFAULT_PREVIEW_STEPS))
+    points = _whole(body.get("points", 200))
+    for name in _INT_FIELDS:
+        if name in values:
+            values[name] = _whole(values[name])
+    try:
+        if isinstance(points, bool) or not isinstance(points, int) or not 2 <= points <= MAX_PREVIEW_POINTS:
+            raise ConfigError("points", f"expected a whole number between 2 and {MAX_PREVIEW_POINTS}, got {points!r}.")
+        _, sched = LoRALabOptimizer._configs(**values)
+        lr = values["unet_lr"]
+        curve = preview(sched, lr, steps, points)
+        warmup = warmup_steps_for(sched, steps)
+    except ConfigError as e:
+        return {"error": str(e), "field": e.field}
+    except (TypeError, ValueError) as e:  # a value of the wrong type that no check names
+        return {"error": f"schedule: {e}", "field": "schedule"}
+    return {"points": [[int(s), float(v)] for s, v in curve], "steps": steps, "warmup_steps": int(warmup), "base_lr": float(lr)}
+
+
+def _register() -> None:
+    try:
+        from aiohttp import web
+        from server import PromptServer
+    except ImportError:  # not inside a ComfyUI server process
+        return
+    instance = getattr(PromptServer, "instance", None)
+    if instance is None:
+        return
+
+    @instance.routes.post(SCHEDULE_PREVIEW_PATH)
+    async def _schedule_preview(request):
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            return web.json_response({"error": "body: expected a JSON object"}, status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": "body: expected a JSON object"}, status=400)
+        return web.json_response(schedule_preview(body))
+
+
+_register()
