@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 
 from .workflow import (
-    CKPT, DATASET, LATENT, NEG, NETWORK, OPTIMIZER, POS, PRECISION, REPORT, REPORT_SAVE, SAVE, SWEEP, SWEEP_SAVE,
+    CKPT, DATASET, LATENT, NEG, NETWORK, OPTIMIZER, POS, PRECISION, PREVIEW, REPORT, REPORT_SAVE, SAVE, SWEEP, SWEEP_SAVE,
     TRAIN, TrainingOptions, training_prompt,
 )
 
@@ -53,7 +53,8 @@ EXTRA_ROOM = {"LoRALabTrain": (460, 300), "LoRALabOptimizer": (NODE_W, 140), "Lo
 GROUP_PAD, GROUP_HEADER = 24, 40
 
 EXAMPLE_OPTIONS = TrainingOptions(checkpoint="v1-5-pruned-emaonly.safetensors", dataset="lora_dataset",
-                                  output_name="my_lora", trigger_word="sks", test_prompt="a photo of sks person")
+                                  output_name="my_lora", trigger_word="sks", test_prompt="a photo of sks person",
+                                  preview_every=100)
 
 
 # ----------------------------------------------------------------- node definitions
@@ -298,7 +299,7 @@ def example_layout(object_info: dict, prompt: dict) -> tuple[dict, list]:
         ("train", [TRAIN]),
         ("train", [SAVE, REPORT, REPORT_SAVE]),
         ("test", [POS, NEG, LATENT]),
-        ("test", [SWEEP]),
+        ("test", [SWEEP] + ([PREVIEW] if PREVIEW in prompt else [])),
         ("test", [SWEEP_SAVE]),
     ]
     layout, x, prev = {}, 0, None
@@ -316,7 +317,7 @@ def example_layout(object_info: dict, prompt: dict) -> tuple[dict, list]:
     groups = [
         {"title": "Training", "nodes": [CKPT, DATASET, NETWORK, OPTIMIZER, PRECISION, TRAIN, SAVE, REPORT, REPORT_SAVE],
          "color": "#3f789e"},
-        {"title": "Test: strength sweep", "nodes": [POS, NEG, LATENT, SWEEP, SWEEP_SAVE], "color": "#8A8"},
+        {"title": "Test: strength sweep (and previews while training)", "nodes": [POS, NEG, LATENT, SWEEP, SWEEP_SAVE] + ([PREVIEW] if PREVIEW in prompt else []), "color": "#8A8"},
     ]
     return layout, groups
 

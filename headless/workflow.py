@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 # Node ids, stable so tests and the UI twin can refer to them.
 CKPT, DATASET, NETWORK, OPTIMIZER, PRECISION, TRAIN, SAVE, REPORT, REPORT_SAVE = "1", "2", "3", "4", "5", "6", "7", "8", "9"
-POS, NEG, LATENT, SWEEP, SWEEP_SAVE = "10", "11", "12", "13", "14"
+POS, NEG, LATENT, SWEEP, SWEEP_SAVE, PREVIEW = "10", "11", "12", "13", "14", "15"
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,12 @@ class TrainingOptions:
     test_steps: int = 20
     test_cfg: float = 7.0
     test_size: int = 512
+    preview_every: int = 0  # > 0: the Train node samples the test prompt every N steps
 
 
 def training_prompt(o: TrainingOptions) -> dict:
     """API-format prompt: train, save the LoRA, render the report, and sweep strengths."""
-    return {
+    prompt = {
         CKPT: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": o.checkpoint}},
         DATASET: {"class_type": "LoRALabDataset", "inputs": {
             "folder": o.dataset, "vae": [CKPT, 2], "clip": [CKPT, 1], "resolution": o.resolution,
@@ -78,6 +79,14 @@ def training_prompt(o: TrainingOptions) -> dict:
             "sampler_name": "euler", "scheduler": "normal"}},
         SWEEP_SAVE: {"class_type": "SaveImage", "inputs": {"images": [SWEEP, 0], "filename_prefix": f"{o.output_name}_sweep"}},
     }
+    if o.preview_every:
+        # The same prompt, seed and sampler as the sweep: the last preview is the sweep's 1.0 cell.
+        sweep = prompt[SWEEP]["inputs"]
+        prompt[PREVIEW] = {"class_type": "LoRALabPreview", "inputs": {
+            "positive": [POS, 0], "negative": [NEG, 0], "vae": [CKPT, 2], "latent": [LATENT, 0], "seed": o.seed,
+            "steps": o.test_steps, "cfg": o.test_cfg, "sampler_name": sweep["sampler_name"], "scheduler": sweep["scheduler"]}}
+        prompt[TRAIN]["inputs"].update(preview=[PREVIEW, 0], preview_every=o.preview_every)
+    return prompt
 
 
 def options_dict(o: TrainingOptions) -> dict:

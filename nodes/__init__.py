@@ -3,6 +3,7 @@
 from .config import LoRALabNetwork, LoRALabOptimizer, LoRALabPrecision
 from .dataset import LoRALabDataset
 from .lora import LoRALabApplyLoRA, LoRALabSaveLoRA, LoRALabStrengthSweep
+from .preview import LoRALabPreview
 from .report import LoRALabEvaluate, LoRALabTrainingReport
 from .train import LoRALabTrain
 
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "LoRALabOptimizer": LoRALabOptimizer,
     "LoRALabPrecision": LoRALabPrecision,
     "LoRALabTrain": LoRALabTrain,
+    "LoRALabPreview": LoRALabPreview,
     "LoRALabApplyLoRA": LoRALabApplyLoRA,
     "LoRALabStrengthSweep": LoRALabStrengthSweep,
     "LoRALabSaveLoRA": LoRALabSaveLoRA,
@@ -25,6 +27,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoRALabOptimizer": "LoRA Lab Optimizer + Schedule",
     "LoRALabPrecision": "LoRA Lab Precision",
     "LoRALabTrain": "LoRA Lab Train",
+    "LoRALabPreview": "LoRA Lab Preview (while training)",
     "LoRALabApplyLoRA": "LoRA Lab Apply LoRA",
     "LoRALabStrengthSweep": "LoRA Lab Strength Sweep",
     "LoRALabSaveLoRA": "LoRA Lab Save LoRA",

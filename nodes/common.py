@@ -18,6 +18,8 @@ PRECISION = "LORALAB_PRECISION"
 LORA = "LORALAB_LORA"
 HISTORY = "LORALAB_HISTORY"
 
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
 
 class LoRALabNodeError(Exception):
     """A user-facing error: ComfyUI shows its message on the node."""

@@ -14,9 +14,8 @@ from ..trainer import comfy_adapter
 from ..trainer.errors import ConfigError
 from ..trainer.io import load_lora, save_lora
 from ..trainer.paths import next_free, safe_child_path
-from .common import CATEGORY, LORA, LoRALabNodeError, user_errors
+from .common import CATEGORY, LORA, SAVE_DTYPES, LoRALabNodeError, user_errors
 
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 NO_FILE = "(use the lora input)"
 
 
@@ -156,7 +155,7 @@ class LoRALabSaveLoRA:
             path = next_free(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = dict(lora.metadata, ss_output_name=path.stem)
-        save_lora(path, lora.weights, metadata, dtype=_DTYPES[lora.save_dtype])
+        save_lora(path, lora.weights, metadata, dtype=SAVE_DTYPES[lora.save_dtype])
         return {"ui": {"text": [str(path)]}, "result": (str(path),)}
 
 

@@ -12,10 +12,12 @@ import torch
 
 import comfy.model_management
 import comfy.utils
+import folder_paths
 
 from ..trainer import comfy_adapter
 from ..trainer.data import EncodedDataset, Example
-from ..trainer.io import build_metadata
+from ..trainer.io import build_metadata, save_lora
+from ..trainer.paths import next_free, safe_child_path
 from ..trainer.loop import Session, TrainConfig
 from ..trainer.network import LoRANetwork, NetworkConfig
 from ..trainer.errors import ConfigError
@@ -24,9 +26,11 @@ from ..trainer.optimizers import OptimizerConfig, check_available
 from ..trainer.report import chart_points
 from ..trainer.precision import PrecisionConfig, check_device_support
 from ..trainer.monitor import History
-from ..trainer.schedule import ScheduleConfig, preview
+from ..trainer.schedule import ScheduleConfig
+from ..trainer.schedule import preview as lr_preview
 from ..trainer.sessions import STORE, Entry, next_target
-from .common import CATEGORY, DATASET, HISTORY, LORA, NETWORK, OPTIMIZER, PRECISION, LoRALabNodeError, TrainedLoRA, TrainingRecord, module_fingerprint, user_errors
+from .common import CATEGORY, DATASET, HISTORY, LORA, NETWORK, OPTIMIZER, PRECISION, SAVE_DTYPES, LoRALabNodeError, TrainedLoRA, TrainingRecord, module_fingerprint, user_errors
+from .preview import PREVIEW, render_preview, save_temp_image, to_pil
 
 log = logging.getLogger("lora_lab")
 
@@ -132,6 +136,9 @@ class LoRALabTrain:
                 "validation_split": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.45, "step": 0.05, "tooltip": "Share of images held out to measure validation loss at fixed noise: the best sign of over-fitting. 0 = off."}),
                 "epochs": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "If > 0, train this many epochs (images x repeats / batch) instead of 'steps'."}),
                 "continue_from": (LORA, {"tooltip": "Chain Train nodes: continue the session that trained this LoRA (train 200, preview, train 200 more)."}),
+                "preview": (PREVIEW, {"tooltip": "From a LoRA Lab Preview node: what to sample while training."}),
+                "preview_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Sample the preview every this many steps and at the end, shown on this node as it trains. 0 = off."}),
+                "save_every": ("INT", {"default": 0, "min": 0, "max": 1000000, "tooltip": "Also save the LoRA every this many steps into the loras folder as <output_name>-step000500.safetensors, to pick an earlier one later. 0 = off."}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -142,12 +149,14 @@ class LoRALabTrain:
 
     @classmethod
     def VALIDATE_INPUTS(cls, output_name):
-        if not str(output_name).strip():
-            return "output_name: give the LoRA a name (letters, digits, - and _)."
+        try:  # it also names the files save_every writes into the loras folder
+            safe_child_path(folder_paths.get_folder_paths("loras")[0], output_name, field="output_name")
+        except ConfigError as e:
+            return str(e)
         return True
 
     @user_errors
-    def train(self, model, dataset, steps, batch_size, gradient_accumulation, seed, mode, output_name, network=None, optimizer=None, precision=None, loss_type="mse", min_snr_gamma=0.0, noise_offset=0.0, timestep_sampling="uniform", validation_split=0.0, epochs=0, continue_from=None, flow_shift=3.0, guidance=1.0, unique_id=None):
+    def train(self, model, dataset, steps, batch_size, gradient_accumulation, seed, mode, output_name, network=None, optimizer=None, precision=None, loss_type="mse", min_snr_gamma=0.0, noise_offset=0.0, timestep_sampling="uniform", validation_split=0.0, epochs=0, continue_from=None, flow_shift=3.0, guidance=1.0, preview=None, preview_every=0, save_every=0, unique_id=None):
         device = comfy.model_management.get_torch_device()
         network = network or NetworkConfig()
         opt_config, sched_config = optimizer or (OptimizerConfig(), ScheduleConfig(name="cosine", warmup_ratio=0.05))
@@ -188,17 +197,30 @@ class LoRALabTrain:
             session.denoiser.load()
             with comfy_adapter.fp8_base(session.denoiser.model.diffusion_model, session.precision.fp8_base):
                 notes.append(self._check_memory(session, device))
-                self._run(session, until, unique_id)
+                saved: list[str] = []
+
+                def save_checkpoint(step: int) -> None:
+                    snapshot = self._result(session, entry, key, output_name, opt_config, sched_config, precision)
+                    path = next_free(safe_child_path(folder_paths.get_folder_paths("loras")[0], f"{output_name}-step{step:06d}", field="output_name"))
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    save_lora(path, snapshot.weights, dict(snapshot.metadata, ss_output_name=path.stem), dtype=SAVE_DTYPES[precision.save_dtype])
+                    saved.append(str(path))
+
+                previews = self._run(session, until, unique_id, model, preview if preview_every else None, preview_every, save_every, save_checkpoint)
             lora = self._result(session, entry, key, output_name, opt_config, sched_config, precision)
             out_model = comfy_adapter.apply_lora(model, None, lora.weights, 1.0)[0]
         diagnosis = session.diagnosis()
         record = TrainingRecord(
             History.from_dict(session.history.to_dict()),
             diagnosis,
-            preview(session.schedule, session.base_lrs[0], until),
+            lr_preview(session.schedule, session.base_lrs[0], until),
             f"{output_name} ({session.denoiser.family}, rank {network.rank}, alpha {network.alpha:g})",
         )
         ui = {"lora_lab": [{"history": chart_points(session.history), "diagnosis": {"verdict": diagnosis.verdict, "headline": diagnosis.headline, "advice": list(diagnosis.advice)}, "notes": notes, "step": session.step, "total": until}]}
+        if previews:
+            ui["images"] = previews
+        if saved:
+            ui["lora_lab"][0]["saved"] = saved
         return {"ui": ui, "result": (out_model, lora, record)}
 
     @staticmethod
@@ -228,10 +250,11 @@ class LoRALabTrain:
         return text[0].upper() + text[1:] + "."
 
     @staticmethod
-    def _run(session: Session, until: int, unique_id) -> None:
+    def _run(session: Session, until: int, unique_id, model=None, preview=None, preview_every: int = 0, save_every: int = 0, save=None) -> list[dict]:
         pbar = comfy.utils.ProgressBar(until)
         pbar.update_absolute(session.step, until)
         last_sent = [0.0]
+        previews: list[dict] = []
 
         def on_step(info):
             now = time.monotonic()
@@ -239,13 +262,21 @@ class LoRALabTrain:
                 last_sent[0] = now
                 h = session.history
                 _send(PROGRESS_EVENT, {"node": str(unique_id), "step": info.step, "total": until, "loss": info.loss, "smoothed": h.smoothed[-1] if h.smoothed else None, "lr": info.lr, "eta_s": info.eta_seconds, "val_step": h.val_step[-1:], "val_loss": h.val_loss[-1:]})
-            pbar.update_absolute(info.step, until)  # raises ComfyUI's interrupt on Cancel; state is kept
+            if save_every and info.step % save_every == 0:
+                save(info.step)
+            shown = None
+            if preview is not None and (info.step % preview_every == 0 or info.step == until):
+                image = render_preview(preview, model, session.network)
+                previews.append(save_temp_image(image, f"lora_lab_preview_{unique_id}_{info.step:06d}"))
+                shown = ("PNG", to_pil(image), 512)
+            pbar.update_absolute(info.step, until, shown)  # raises ComfyUI's interrupt on Cancel; state is kept
 
         if session.precision.gradient_checkpointing:
             with comfy_adapter.gradient_checkpointing(session.denoiser.model.diffusion_model):
                 session.run(until_step=until, callback=on_step)
         else:
             session.run(until_step=until, callback=on_step)
+        return previews
 
     @staticmethod
     def _result(session: Session, entry: Entry, key: str, output_name: str, opt: OptimizerConfig, sched: ScheduleConfig, precision: PrecisionConfig) -> TrainedLoRA:

@@ -18,7 +18,7 @@ from headless.workflow import DATASET, SAVE, TRAIN, TrainingOptions, training_pr
 
 PACK_NODES = {
     "LoRALabDataset", "LoRALabNetwork", "LoRALabOptimizer", "LoRALabPrecision", "LoRALabTrain",
-    "LoRALabApplyLoRA", "LoRALabStrengthSweep", "LoRALabSaveLoRA", "LoRALabTrainingReport", "LoRALabEvaluate",
+    "LoRALabApplyLoRA", "LoRALabStrengthSweep", "LoRALabPreview", "LoRALabSaveLoRA", "LoRALabTrainingReport", "LoRALabEvaluate",
 }
 STEPS = 30
 
@@ -165,3 +165,45 @@ def test_empty_folder_is_a_clear_node_error_and_server_keeps_serving(comfy_serve
     assert "none of them an image" in details and ".png" in details and str(empty) in details, details
     assert "Traceback" not in details
     base_image(srv, "still_serving")  # the next prompt runs
+
+
+def test_previews_while_training_match_the_test_graph(comfy_server):
+    srv = comfy_server
+    from headless.workflow import SWEEP_SAVE
+
+    prompt = training_prompt(options(output_name="previewed", steps=20, validation_split=0.0, strengths="1.0", preview_every=10))
+    prompt[TRAIN]["inputs"]["mode"] = "restart"
+    entry = srv.run(prompt, timeout=900)
+    previews = entry["outputs"][TRAIN]["images"]
+    assert [p["filename"].rsplit("_", 1)[-1] for p in previews] == ["000010.png", "000020.png"]
+    first, last = (image_of_ref(srv, p) for p in previews)
+    assert np.abs(last - first).mean() > 0.5  # the LoRA learned between the two previews
+    grid = image_of(srv, entry, SWEEP_SAVE)
+    swept = grid[-last.shape[0]:, : last.shape[1]]  # the strength-1.0 cell, under its label strip
+    assert np.abs(swept - last).mean() < 2.0, np.abs(swept - last).mean()
+
+
+def image_of_ref(srv, ref):
+    return np.asarray(Image.open(srv.output_file(ref)).convert("RGB"), dtype=np.float32)
+
+
+def test_chained_train_nodes_continue_one_session(comfy_server):
+    srv = comfy_server
+    prompt = training_prompt(options(output_name="chained", steps=10, validation_split=0.0))
+    prompt[TRAIN]["inputs"].update(mode="restart", save_every=5)
+    second = dict(prompt[TRAIN], inputs=dict(prompt[TRAIN]["inputs"], continue_from=[TRAIN, 1], mode="continue"))
+    prompt["50"] = second
+    prompt[SAVE]["inputs"]["lora"] = ["50", 1]  # save what the second node trained
+    entry = srv.run(prompt, timeout=900)
+    first_ui, second_ui = train_ui(entry), train_ui(entry, node="50")
+    assert first_ui["step"] == 10 and second_ui["step"] == 20
+    assert second_ui["history"]["loss"][:10] == first_ui["history"]["loss"]
+    with safe_open(entry["outputs"][SAVE]["text"][0], "pt") as f:
+        assert f.metadata()["ss_steps"] == "20"
+    # save_every=5 on both nodes: one kohya file per 5 steps, named by step, in the loras folder
+    saved = [Path(p) for p in first_ui["saved"] + second_ui["saved"]]
+    assert [p.name for p in saved] == [f"chained-step{n:06d}.safetensors" for n in (5, 10, 15, 20)]
+    for n, path in zip((5, 10, 15, 20), saved):
+        assert path.parent.name == "loras"
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata()["ss_steps"] == str(n)

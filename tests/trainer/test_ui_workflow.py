@@ -177,8 +177,8 @@ def test_example_workflow_file_is_the_builders_graph():
         assert link_id in nodes[src]["outputs"][src_slot]["links"] and nodes[src]["outputs"][src_slot]["type"] == typ
         got_links[(dst, sock["name"])] = (src, src_slot)
     assert got_links == want_links
-    assert [g["title"] for g in ui["groups"]] == ["Training", "Test: strength sweep"]
-    assert ui["last_node_id"] == 14 and ui["last_link_id"] == len(ui["links"])
+    assert [g["title"] for g in ui["groups"]] == ["Training", "Test: strength sweep (and previews while training)"]
+    assert ui["last_node_id"] == 15 and ui["last_link_id"] == len(ui["links"])
 
 
 def test_thumbnail(tmp_path):
