@@ -13,4 +13,12 @@ Modules:
     monitor    loss history, smoothing, validation, diagnosis of the loss curve
     io         kohya-format safetensors save/load with metadata, atomic writes
     metrics    PSNR and SSIM
+    data       training examples, batches by bucket, repeats
+    dataset    folder -> images, captions, buckets and augmentation variants
+    cache      verified on-disk cache of encoded images
+    paths      save names that cannot leave their folder
+    report     the training report image and chart points for the browser
+    sessions   the one store of sessions that outlive a queue run
+    memory     peak-memory estimate before training
+    comfy_adapter  the only module that imports ComfyUI
 """
