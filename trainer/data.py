@@ -68,8 +68,9 @@ def epoch_batches(examples: list[Example], batch_size: int, seed: int, epoch: in
         raise ConfigError("batch_size", f"must be >= 1, got {batch_size}.")
     g = torch.Generator().manual_seed(_mix(seed, epoch, 0x5EED))
     batches: list[list[int]] = []
-    for key in sorted(_buckets(examples)):
-        idx = _buckets(examples)[key]
+    buckets = _buckets(examples)
+    for key in sorted(buckets):
+        idx = buckets[key]
         order = [idx[i] for i in torch.randperm(len(idx), generator=g).tolist()]
         batches.extend(order[i : i + batch_size] for i in range(0, len(order), batch_size))
     perm = torch.randperm(len(batches), generator=g).tolist()
