@@ -10,6 +10,16 @@ POST /lora_lab/schedule_preview   (also reachable as /api/lora_lab/schedule_prev
     200 -> {"error": "field: message", "field": "field"} when the settings are invalid (a 200, so
            a half-edited widget does not log a failed request in the browser console).
     400 -> {"error": ...} when the body is not a JSON object.
+
+POST /lora_lab/release   {"node_id": "6"}
+    The browser deleted Train node 6: forget its training session and free its memory.
+    200 -> {"released": true|false, "key": "train:6"}   (false: it had none, e.g. never queued)
+    400 -> {"error": ...} when node_id is missing.
+
+GET /lora_lab/sessions[?alive=1]
+    200 -> {"sessions": [{"key", "step", "target_step", "started_at"}, ...]}   (step is live)
+    With alive=1 also "alive": sessions still in memory after a full garbage collection (slow:
+    for tests and diagnosis); more than the listed ones means a released session is still held.
 """
 
 from __future__ import annotations
@@ -19,9 +29,12 @@ import math
 
 from ..trainer.errors import ConfigError
 from ..trainer.schedule import preview, warmup_steps_for
+from ..trainer.sessions import STORE, node_key
 from .config import LoRALabOptimizer
 
 SCHEDULE_PREVIEW_PATH = "/lora_lab/schedule_preview"
+RELEASE_PATH = "/lora_lab/release"
+SESSIONS_PATH = "/lora_lab/sessions"
 DEFAULT_PREVIEW_STEPS = 1000
 MAX_PREVIEW_POINTS = 1000
 
@@ -64,6 +77,30 @@ def schedule_preview(body: dict) -> dict:
     return {"points": [[int(s), float(v)] for s, v in curve], "steps": steps, "warmup_steps": int(warmup), "base_lr": float(lr)}
 
 
+def release(body) -> tuple[int, dict]:
+    """(HTTP status, answer) for POST /lora_lab/release."""
+    node_id = body.get("node_id") if isinstance(body, dict) else None
+    if isinstance(node_id, bool) or not isinstance(node_id, (str, int)) or str(node_id) == "":
+        return 400, {"error": 'node_id: expected the Train node\'s id, e.g. {"node_id": "6"}'}
+    key = node_key(node_id)
+    return 200, {"released": STORE.release(key), "key": key}
+
+
+def sessions(alive: bool = False) -> dict:
+    """The answer for GET /lora_lab/sessions."""
+    answer = {"sessions": STORE.describe()}
+    if alive:
+        answer["alive"] = STORE.alive()
+    return answer
+
+
+async def _json_body(request):
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+        return None
+
+
 def _register() -> None:
     try:
         from aiohttp import web
@@ -83,6 +120,15 @@ def _register() -> None:
         if not isinstance(body, dict):
             return web.json_response({"error": "body: expected a JSON object"}, status=400)
         return web.json_response(schedule_preview(body))
+
+    @instance.routes.post(RELEASE_PATH)
+    async def _release(request):
+        status, answer = release(await _json_body(request))
+        return web.json_response(answer, status=status)
+
+    @instance.routes.get(SESSIONS_PATH)
+    async def _sessions(request):
+        return web.json_response(sessions(alive=request.query.get("alive") == "1"))
 
 
 _register()

@@ -159,6 +159,9 @@ def save_lora(
     - Parent folders are created. The data goes to a hidden temp file in the same folder, is
       flushed and fsynced, then renamed over `path`; on any error the temp file is removed and
       a previous file at `path` is left untouched.
+      A process killed mid-write (kill -9, power loss) leaves its temp file behind
+      (".NAME.safetensors.tmp-PID", never read by a loader); the next save to the same path
+      deletes it.
     """
     target = _safetensors_path(path, "save")
     if dtype is not None and dtype not in SAVE_DTYPES:
@@ -207,9 +210,48 @@ def _write_all(fileobj, data: bytes) -> None:
         fileobj.write(view[start : start + _WRITE_CHUNK])
 
 
+def _temp_prefix(target: Path) -> str:
+    return f".{target.name}.tmp-"
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Deletes the temp files of earlier saves to `target` whose process is gone (killed mid-write).
+
+    Loaders never see them (hidden, and not named .safetensors); this only gives the disk space
+    back. A temp file of a process that is still running is left alone. POSIX only: Windows has
+    no harmless way to ask whether a process id is alive.
+    """
+    if os.name != "posix":
+        return
+    prefix = _temp_prefix(target)
+    try:
+        names = [n for n in os.listdir(target.parent) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        try:
+            os.unlink(target.parent / name)
+        except OSError:
+            pass
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. PermissionError: it exists, under another user
+        return True
+    return True
+
+
 def _atomic_write(target: Path, data: bytes) -> None:
     folder = target.parent
-    tmp = folder / f".{target.name}.tmp-{os.getpid()}"
+    tmp = folder / f"{_temp_prefix(target)}{os.getpid()}"
+    _remove_stale_temps(target)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:

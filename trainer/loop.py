@@ -35,10 +35,11 @@ import torch
 from .data import Example, _mix, batches_per_epoch, collate, epoch_batches
 from .errors import ConfigError, LoRALabError, TrainingError
 from .monitor import Diagnosis, History, diagnose, fixed_validation_plan, split_validation
+from .memory import HOW_TO_FIT, is_out_of_memory
 from .network import LoRANetwork
 from .objective import ObjectiveConfig, add_noise_offset, per_sample_loss, sample_u, validate_for_prediction
 from .optimizers import OptimizerConfig, build_optimizer
-from .precision import PrecisionConfig, autocast, make_loss_scaler, optimizer_step
+from .precision import PrecisionConfig, all_finite, autocast, make_loss_scaler, optimizer_step
 from .schedule import ScheduleConfig, lr_multiplier
 
 
@@ -174,7 +175,7 @@ class Session:
         if self.val_examples and not self.history.val_step:
             self.history.record_validation(self.step, self.validation_loss())
         while self.step < until:
-            loss, result = self._train_step(total)
+            loss, result = self._step_or_out_of_memory(total)
             elapsed = time.perf_counter() - started
             per_step = elapsed / (self.step - started_step)
             if self.val_examples and (self.step % validate_every == 0 or self.step == until):
@@ -194,6 +195,24 @@ class Session:
                     )
                 )
         return self.history
+
+    def _step_or_out_of_memory(self, total: int):
+        """`_train_step`, with running out of memory turned into a TrainingError that says how to
+        fit. Nothing of the failed step is kept (its gradients are dropped; weights, optimizer and
+        step are as before it, like after a Cancel), so queueing again retries that step."""
+        try:
+            return self._train_step(total)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        # Raised outside the except block: the failed step's frames and tensors are freed first.
+        self.optimizer.zero_grad(set_to_none=True)
+        raise TrainingError(
+            f"out of memory in training step {self.step + 1} ({reason}). The {self.step} steps trained so far are kept: "
+            f"queue again with the same settings to continue from step {self.step} once memory is free "
+            f"(changing settings starts a new LoRA). To fit: {HOW_TO_FIT}"
+        )
 
     def _lr(self, total: int, step: int) -> list[float]:
         m = lr_multiplier(self.schedule, min(step, total - 1), total) * self.lr_scale
@@ -247,7 +266,7 @@ class Session:
             self.optimizer.zero_grad(set_to_none=True)
             result = _Skipped()
             bad = True
-        if not bad and not all(torch.isfinite(p).all() for p in self.params):
+        if not bad and not all_finite(self.params):
             bad = True
         mean_loss = sum(losses) / len(losses) if finite else float("nan")
         self.step += 1

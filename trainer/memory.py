@@ -16,6 +16,8 @@ Public API:
                         gradient_checkpointing, snapshot_on_device=False, dataset_bytes=0,
                         extra=None) -> MemoryEstimate
     MemoryEstimate           .total, .parts (name -> bytes), .to_text(), .check_fits(free, resident)
+    HOW_TO_FIT               the ways to make a run fit, in the user's words
+    is_out_of_memory(exc) -> bool
     gib(bytes) -> str
 
 Calibration (CPU, fp32, the tiny SDXL / Flux / SD1.5 test models, 64-512 px, batch 1-4, with and
@@ -48,6 +50,20 @@ _BNB_BLOCK = 2048  # one fp32 absmax per block of 8-bit state
 # sits at the end of the forward, when little else is alive.
 WORKSPACE_FACTOR = {True: 2.5, False: 0.5}
 RUNTIME_BYTES = 8 * 2**20  # allocator and framework bookkeeping that grows with a training step
+
+
+HOW_TO_FIT = (
+    "turn on gradient_checkpointing and fp8_base (Precision node), lower batch_size, use AdamW8bit, "
+    "a smaller rank, or a lower dataset resolution; close other programs using the device."
+)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device or host allocation failure (CUDA/ROCm, MPS, or the CPU allocator)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc) if isinstance(exc, RuntimeError) else ""
+    return "out of memory" in text or "can't allocate memory" in text
 
 
 def gib(n: int | float) -> str:
@@ -194,9 +210,7 @@ class MemoryEstimate:
         raise ConfigError(
             "batch_size",
             f"training needs about {gib(needed)} more memory on {device}, {gib(free_bytes)} is free "
-            f"({self.to_text()}). To fit: turn on gradient_checkpointing and fp8_base (Precision node), "
-            "lower batch_size, use AdamW8bit, a smaller rank, or a lower dataset resolution; "
-            "close other programs using the device.",
+            f"({self.to_text()}). To fit: {HOW_TO_FIT}",
         )
 
 

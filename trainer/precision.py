@@ -6,6 +6,7 @@ Public API:
     compute_dtype(config) -> torch.dtype          dtype the forward pass computes in
     save_torch_dtype(config) -> torch.dtype       dtype LoRA weights are written in
     autocast(config, device) -> context manager   torch.autocast for bf16/fp16, no-op for fp32
+    for_device(config, device) -> PrecisionConfig   mixed_precision "auto" -> bf16 / fp16 / fp32 for the device
     check_device_support(config, device) -> str | None
         warning text for a slow-but-working combination; raises ConfigError for an unusable one
     DynamicLossScaler(init_scale=2**16, growth_factor=2.0, backoff_factor=0.5,
@@ -14,6 +15,7 @@ Public API:
         .current_scale, .state_dict(), .load_state_dict(state)
     make_loss_scaler(config) -> DynamicLossScaler | None   a scaler for fp16, None otherwise
     optimizer_step(optimizer, params, scaler, max_grad_norm) -> StepResult(skipped, grad_norm, scale)
+    all_finite(tensors) -> bool                    no inf/nan anywhere, one pass over all tensors
     store_base_fp8(modules, keep_original=False) -> Fp8Handle   (.restore(), .modules)
     parameter_bytes(module) -> int
 
@@ -25,6 +27,7 @@ rounded away in bf16 (8 mantissa bits) or underflow in fp16.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ContextManager, Iterable
@@ -35,6 +38,7 @@ from torch import nn
 from .errors import ConfigError, TrainingError
 
 MIXED_PRECISIONS = ("fp32", "bf16", "fp16")
+AUTO = "auto"  # the node's default: resolved per device by `for_device` before training
 SAVE_DTYPES = ("fp32", "fp16", "bf16")
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,7 +53,8 @@ _SCALE_BUFFER = "weight_fp8_scale"
 class PrecisionConfig:
     """How the training step handles numeric precision.
 
-    mixed_precision: dtype the forward/backward pass computes in ("fp32", "bf16", "fp16").
+    mixed_precision: dtype the forward/backward pass computes in ("fp32", "bf16", "fp16"), or
+        "auto" (pass the config through `for_device` before training).
     fp8_base: store the frozen base model's Linear/Conv2d weights as float8 to save memory.
     gradient_checkpointing: recompute activations in backward instead of keeping them (read by
         the model adapter; recorded here because it is part of the same memory/speed trade-off).
@@ -64,10 +69,10 @@ class PrecisionConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
-        if self.mixed_precision not in MIXED_PRECISIONS:
+        if self.mixed_precision not in MIXED_PRECISIONS + (AUTO,):
             raise ConfigError(
                 "mixed_precision",
-                f"expected one of {', '.join(MIXED_PRECISIONS)}, got {self.mixed_precision!r}; "
+                f"expected one of {', '.join(MIXED_PRECISIONS + (AUTO,))}, got {self.mixed_precision!r}; "
                 "pick bf16 on recent NVIDIA GPUs, fp16 on older ones, fp32 on CPU",
             )
         if self.save_dtype not in SAVE_DTYPES:
@@ -85,6 +90,20 @@ class PrecisionConfig:
                 "max_grad_norm",
                 f"expected a finite number >= 0, got {norm!r}; use 1.0 for the usual clipping or 0 to turn it off",
             )
+
+
+def for_device(config: PrecisionConfig, device: str | torch.device) -> PrecisionConfig:
+    """`config` with mixed_precision "auto" made concrete for the device: bf16 on GPUs with native
+    bf16 (NVIDIA Ampere / RTX 30xx and newer), fp16 with loss scaling on older GPUs, fp32 on CPU
+    (and Apple MPS), where there is no fast half-precision matrix multiply. Others pass through."""
+    if config.mixed_precision != AUTO:
+        return config
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        chosen = "bf16" if _cuda_has_native_bf16(dev) else "fp16"
+    else:
+        chosen = "fp32"
+    return dataclasses.replace(config, mixed_precision=chosen)
 
 
 def compute_dtype(config: PrecisionConfig) -> torch.dtype:
@@ -212,7 +231,7 @@ class DynamicLossScaler:
             inv = 1.0 / self._scale
             for g in grads:
                 g.mul_(inv)
-        return _all_finite(grads)
+        return all_finite(grads)
 
     def update(self, found_inf: bool) -> None:
         """Back off after an overflowing step; grow after `growth_interval` clean steps."""
@@ -250,16 +269,37 @@ def make_loss_scaler(config: PrecisionConfig) -> DynamicLossScaler | None:
     return DynamicLossScaler() if config.mixed_precision == "fp16" else None
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    # One host sync for all tensors instead of one per tensor.
-    device = tensors[0].device
-    return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())
+def _norm(tensors: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """Norm of all tensors as one vector, in one foreach pass (per device and dtype) instead of one
+    kernel per tensor: a LoRA has a hundred-odd small tensors, and per-tensor calls dominated."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if get_total_norm is not None:
+        return get_total_norm(tensors, norm_type=norm_type)
+    norms = [torch.linalg.vector_norm(t.detach().float(), norm_type) for t in tensors]
+    device = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), norm_type)
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """True when no element of any tensor is inf or nan (one host sync for all of them).
+
+    The largest magnitude is finite exactly when every element is: a nan propagates through it.
+    """
+    tensors = [t.detach() for t in tensors]
+    return not tensors or math.isfinite(float(_norm(tensors, math.inf)))
 
 
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    norms = [torch.linalg.vector_norm(g.detach().float()) for g in grads]
-    device = norms[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    return _norm([g.detach() for g in grads], 2.0)
+
+
+def _clip(params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale the gradients so their total norm is at most max_norm, reusing the norm already computed."""
+    clip_with_norm = getattr(torch.nn.utils, "clip_grads_with_norm_", None)  # torch >= 2.6
+    if clip_with_norm is not None:
+        clip_with_norm(params, max_norm, total_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 @dataclass(frozen=True)
@@ -297,16 +337,15 @@ def optimizer_step(
     params = list(params)
     scale = scaler.current_scale if scaler is not None else 1.0
     grads = [p.grad for p in params if p.grad is not None]
-    if scaler is not None:
-        finite = scaler.unscale_and_check(params)
-    else:
-        finite = _all_finite(grads) if grads else True
+    # Without a scaler the total norm is the finiteness check: it is nan/inf exactly when some
+    # gradient is, and also when every grad is finite but their squared sum overflows (clipping
+    # would then multiply them by 0 yet still advance the optimizer's moments): skip either way.
+    finite = scaler.unscale_and_check(params) if scaler is not None else True
 
     norm = 0.0
     if finite and grads:
-        norm = float(_total_norm(grads))
-        # Every grad can be finite while their squared sum overflows: clipping would then multiply
-        # them by 0 yet still advance the optimizer's moments, so skip instead.
+        total = _total_norm(grads)
+        norm = float(total)
         finite = math.isfinite(norm)
     if not finite:
         _zero_grads(optimizer, params)
@@ -315,7 +354,7 @@ def optimizer_step(
         return StepResult(skipped=True, grad_norm=math.nan, scale=scale)
 
     if max_grad_norm > 0 and grads:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        _clip(params, max_grad_norm, total)
     optimizer.step()
     _zero_grads(optimizer, params)
     if scaler is not None:

@@ -7,11 +7,22 @@ owner; nothing else keeps sessions.
 
 A session is reused only while its fingerprint (model, dataset, settings) is unchanged; anything
 else starts a new one, and the caller tells the user why.
+
+Sessions live in memory only: restarting ComfyUI loses them (saved LoRA files stay). A session is
+released, and its memory freed, when its Train node restarts (mode "restart" or changed inputs),
+or when the node is deleted in the browser (the frontend calls POST /lora_lab/release).
+
+Public API:
+    STORE                        the store: get / put / release / keys / describe / alive
+    node_key(node_id) -> str     the key of the session a Train node owns
+    next_target(entry, steps)    where a run queued now trains to
 """
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 from dataclasses import dataclass
 
 from .loop import Session
@@ -29,6 +40,8 @@ class SessionStore:
     def __init__(self):
         self._entries: dict[str, Entry] = {}
         self._lock = threading.Lock()
+        # Every session ever stored, until it is garbage: tells whether releasing really freed it.
+        self._created: weakref.WeakSet[Session] = weakref.WeakSet()
 
     def get(self, key: str) -> Entry | None:
         with self._lock:
@@ -37,6 +50,7 @@ class SessionStore:
     def put(self, key: str, entry: Entry) -> None:
         with self._lock:
             self._entries[key] = entry
+            self._created.add(entry.session)
 
     def release(self, key: str) -> bool:
         """Forget a session (its node was deleted, or the user restarted): frees its memory."""
@@ -47,8 +61,25 @@ class SessionStore:
         with self._lock:
             return list(self._entries)
 
+    def describe(self) -> list[dict]:
+        """One line per stored session, for GET /lora_lab/sessions."""
+        with self._lock:
+            items = list(self._entries.items())
+        return [{"key": k, "step": e.session.step, "target_step": e.target_step, "started_at": e.started_at} for k, e in items]
+
+    def alive(self) -> int:
+        """Sessions still in memory, stored or not, after a garbage collection. Equals len(keys())
+        unless something outside the store still holds a released session."""
+        gc.collect()
+        return len(self._created)
+
 
 STORE = SessionStore()
+
+
+def node_key(node_id) -> str:
+    """The key of the session the Train node `node_id` owns (chained Train nodes share the first's)."""
+    return f"train:{node_id}"
 
 
 def next_target(entry: Entry, steps: int) -> int:

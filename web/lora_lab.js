@@ -7,6 +7,8 @@
 // * LoRALabOptimizer: a preview of the LR schedule, computed by the server (POST
 //   /lora_lab/schedule_preview, the same function the trainer uses), redrawn as the widgets change.
 // * LoRALabDataset: the dataset summary (output.text) in a read-only text box.
+// * A deleted LoRALabTrain node tells the server (POST /lora_lab/release), which frees its training
+//   session; clearing the graph to load another workflow does not.
 //
 // Plain ES module, no build step. Draw code never throws: a failed frame is skipped.
 // Read-only debug hook for tests: node.loraLab ({points, liveMessages, diagnosis, ...}).
@@ -17,6 +19,7 @@ import { api } from "../../scripts/api.js";
 const EXT = "LoRALab.Cockpit";
 const PROGRESS_EVENT = "lora_lab.progress";
 const PREVIEW_ROUTE = "/lora_lab/schedule_preview";
+const RELEASE_ROUTE = "/lora_lab/release";
 const CHART_PROP = "lora_lab_chart";
 const SUMMARY_PROP = "lora_lab_summary";
 const STORED_POINTS = 160; // points kept in the saved workflow
@@ -962,6 +965,25 @@ function onDatasetExecuted(node, output) {
   markChanged();
 }
 
+// ------------------------------------------------------------------ session release
+
+// LGraph.clear() (loading or switching a workflow, undo) also calls onRemoved on every node, after
+// resetting the graph's node counter; a graph that still holds a node has counted up to its id.
+// Those nodes are not being deleted: their training sessions stay.
+function graphIsClearing(graph) {
+  const last = graph.state?.lastNodeId;
+  return typeof last === "number" ? last === 0 : graph.id === "00000000-0000-0000-0000-000000000000";
+}
+
+// A deleted Train node gives its training session (weights, optimizer state) back to the server.
+// Nodes inside a subgraph run under another id and are left alone.
+function releaseSession(node) {
+  const graph = node.graph;
+  if (!graph || graph.isRootGraph === false || node.id == null || graphIsClearing(graph)) return;
+  const body = JSON.stringify({ node_id: String(node.id) });
+  api.fetchApi(RELEASE_ROUTE, { method: "POST", headers: { "Content-Type": "application/json" }, body }).catch(() => {});
+}
+
 // ------------------------------------------------------------------ registration
 
 function chain(proto, name, after) {
@@ -993,6 +1015,7 @@ app.registerExtension({
       });
       chain(nodeType.prototype, "onRemoved", function () {
         trainNodes.delete(this);
+        releaseSession(this);
       });
       // The optimizer preview follows this node's steps.
       chain(nodeType.prototype, "onWidgetChanged", function () {

@@ -294,3 +294,93 @@ def test_check_compatible():
     with pytest.raises(LoRALabError, match="2 of its 3 modules match") as info:
         check_compatible(weights, {ATTN, CONV}, "sd15")
     assert TE in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# kill -9 in the middle of a save
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Saves generation after generation to one path, as fast as it can. Every tensor of generation g
+# is filled with g and the header says g, so a file that mixes two saves cannot pass for whole.
+_SAVER = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from trainer.io import save_lora
+path, first = sys.argv[2], int(sys.argv[3])
+name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+g = first
+while True:
+    w = {name + ".lora_down.weight": torch.full((64, 32768), float(g)),  # 8 MiB per tensor
+         name + ".lora_up.weight": torch.full((32768, 64), float(g)),
+         name + ".alpha": torch.tensor(64.0)}
+    save_lora(path, w, {"generation": str(g)})
+    print(g, flush=True)
+    g += 1
+"""
+
+
+def _generation_of_complete_file(path) -> int:
+    """The generation a file holds, after checking it is whole and self-consistent."""
+    weights, metadata = load_lora(path)  # parses the header and every tensor, refuses a damaged file
+    g = int(metadata["generation"])
+    assert metadata["sshs_model_hash"] == weights_hash({k: v for k, v in weights.items()})
+    for key, tensor in weights.items():
+        if not key.endswith(".alpha"):
+            assert bool((tensor == g).all()), f"{key} mixes generations"
+    return g
+
+
+def test_kill_9_during_saves_leaves_the_previous_or_the_new_file_never_a_partial_one(tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "lora.safetensors"
+    rng = random.Random(1234)
+    generation, temps_left, kills = 0, 0, 6
+    for attempt in range(kills):
+        proc = subprocess.Popen([sys.executable, "-c", _SAVER, REPO_ROOT, str(path), str(generation + 1)],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            # Wait for the first complete save of this process, then kill it: at a random moment
+            # (building, hashing, writing, fsyncing or renaming its next generation), or, every
+            # other time, as soon as its temp file appears (in the middle of the write).
+            line = proc.stdout.readline()
+            assert line.strip(), f"the saving process died before its first save (rc={proc.wait()})"
+            if attempt % 2:
+                temp = tmp_path / f".{path.name}.tmp-{proc.pid}"
+                deadline = time.monotonic() + 30
+                while not temp.exists() and time.monotonic() < deadline:
+                    pass
+                time.sleep(rng.uniform(0.0, 0.002))
+            else:
+                time.sleep(rng.uniform(0.0, 0.4))
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
+        found = _generation_of_complete_file(path)
+        assert found >= int(line), (found, line)
+        generation = found
+        temps = [n for n in os.listdir(tmp_path) if n != path.name]
+        assert all(n.startswith(f".{path.name}.tmp-") for n in temps), temps
+        assert len(temps) <= 1, f"the previous save's leftover was not removed: {temps}"
+        temps_left += len(temps)
+    # Kills that landed mid-write left debris, which the next process's first save removed.
+    assert temps_left >= 2, "no kill landed during a write: the test proved nothing"
+    save_lora(path, make_weights(), meta())  # the next save in this process cleans up the last one
+    assert os.listdir(tmp_path) == [path.name]
+
+
+def test_stale_temp_files_of_live_processes_and_other_paths_are_left_alone(tmp_path):
+    path = tmp_path / "a.safetensors"
+    live = tmp_path / f".a.safetensors.tmp-{os.getppid()}"  # the parent process is alive
+    other = tmp_path / ".b.safetensors.tmp-999999999"  # another file's temp: not ours to judge
+    live.write_bytes(b"x")
+    other.write_bytes(b"x")
+    save_lora(path, make_weights(), meta())
+    assert live.exists() and other.exists()

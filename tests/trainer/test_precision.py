@@ -12,6 +12,7 @@ from trainer.precision import (
     autocast,
     check_device_support,
     compute_dtype,
+    for_device,
     make_loss_scaler,
     optimizer_step,
     parameter_bytes,
@@ -107,6 +108,18 @@ def test_check_device_support_cuda_without_bf16(monkeypatch):
         check_device_support(PrecisionConfig(mixed_precision="bf16"), "cuda")
     assert err.value.field == "mixed_precision" and "fp16" in str(err.value)
     assert check_device_support(PrecisionConfig(mixed_precision="fp16"), "cuda") is None
+
+
+@pytest.mark.parametrize("device, native_bf16, expected", [
+    ("cpu", False, "fp32"), ("mps", False, "fp32"), ("cuda", True, "bf16"), ("cuda:1", False, "fp16"),
+])
+def test_auto_precision_is_chosen_for_the_device(monkeypatch, device, native_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16)
+    chosen = for_device(PrecisionConfig(mixed_precision="auto", gradient_checkpointing=True, save_dtype="bf16"), device)
+    assert chosen == PrecisionConfig(mixed_precision=expected, gradient_checkpointing=True, save_dtype="bf16")
+    assert check_device_support(chosen, device) is None  # never a slow or unusable choice
+    explicit = PrecisionConfig(mixed_precision="bf16")
+    assert for_device(explicit, device) is explicit  # an explicit choice is the user's
 
 
 def test_check_device_support_cuda_with_bf16(monkeypatch):
