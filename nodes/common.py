@@ -43,8 +43,15 @@ def user_errors(fn):
     return wrapper
 
 
-def validation_message(build) -> bool | str:
-    """For VALIDATE_INPUTS: True when `build()` accepts the inputs, else the error text."""
+def validation_message(build, *inputs) -> bool | str:
+    """For VALIDATE_INPUTS: True when `build()` accepts the inputs, else the error text.
+
+    `inputs` are the values `build` checks. An input linked to another node's output (a String
+    node feeding `folder`) arrives as None before anything has run: it passes here and is checked
+    when the node runs.
+    """
+    if any(value is None for value in inputs):
+        return True
     try:
         build()
     except LoRALabError as e:

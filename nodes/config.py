@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..trainer.network import TARGET_PRESETS, NetworkConfig
-from ..trainer.optimizers import OPTIMIZERS, OptimizerConfig
+from ..trainer.optimizers import OPTIMIZERS, OptimizerConfig, check_available
 from ..trainer.precision import PrecisionConfig
 from ..trainer.schedule import SCHEDULES, ScheduleConfig
 from .common import CATEGORY, NETWORK, OPTIMIZER, PRECISION, user_errors
@@ -26,12 +26,15 @@ class LoRALabNetwork:
                 "conv_rank": ("INT", {"default": 0, "min": 0, "max": 1024, "tooltip": "Rank for 3x3 convs in the ResNet blocks (LoCon-style). 0 = don't train them."}),
                 "conv_alpha": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1024.0, "step": 0.5, "tooltip": "Alpha for the 3x3 convs (scale = conv_alpha / conv_rank)."}),
                 "dropout": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.9, "step": 0.01, "tooltip": "Dropout on the LoRA input during training. 0 = off; 0.05-0.1 can reduce over-fitting."}),
-            }
+            },
+            "optional": {
+                "train_text_encoder": ("BOOLEAN", {"default": False, "tooltip": "Also train a LoRA on the text encoder (SD1.5: lora_te_; SDXL: both encoders, lora_te1_/lora_te2_; Flux: CLIP-L only), at the Optimizer's text_encoder_lr. Connect the CLIP to the Train node. Slower: captions are encoded every step. Off = UNet only, the usual choice."}),
+            },
         }
 
     @user_errors
-    def build(self, rank, alpha, targets, conv_rank, conv_alpha, dropout):
-        return (NetworkConfig(rank=rank, alpha=alpha, targets=targets, conv_rank=conv_rank, conv_alpha=conv_alpha, dropout=dropout),)
+    def build(self, rank, alpha, targets, conv_rank, conv_alpha, dropout, train_text_encoder=False):
+        return (NetworkConfig(rank=rank, alpha=alpha, targets=targets, conv_rank=conv_rank, conv_alpha=conv_alpha, dropout=dropout, train_text_encoder=train_text_encoder),)
 
 
 class LoRALabOptimizer:
@@ -57,6 +60,17 @@ class LoRALabOptimizer:
                 "power": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 10.0, "step": 0.1, "tooltip": "Exponent for the polynomial schedule (1 = linear)."}),
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, optimizer):
+        # Before anything runs: an optimizer whose library is missing or broken on this device
+        # would otherwise stop the Train node only after the dataset was encoded.
+        import comfy.model_management
+
+        if optimizer is None:  # linked to another node's output: checked by the Train node when it runs
+            return True
+        problem = check_available(optimizer, comfy.model_management.get_torch_device())
+        return f"optimizer: {problem}" if problem else True
 
     @staticmethod
     def _configs(optimizer, unet_lr, text_encoder_lr, weight_decay, scheduler, warmup_ratio, warmup_steps, min_lr_ratio, cycles, power):
@@ -84,7 +98,7 @@ class LoRALabPrecision:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "mixed_precision": (["fp32", "bf16", "fp16"], {"default": "bf16", "tooltip": "bf16: fast and stable on RTX 30xx+ GPUs. fp16: older GPUs, uses dynamic loss scaling. fp32: CPUs (no fast bf16 there) and debugging."}),
+                "mixed_precision": (["auto", "bf16", "fp16", "fp32"], {"default": "auto", "tooltip": "auto: bf16 on RTX 30xx+ / Ampere and newer GPUs, fp16 on older GPUs, fp32 on CPU. bf16: fast and stable on RTX 30xx+ GPUs. fp16: older GPUs, uses dynamic loss scaling. fp32: CPUs (no fast bf16 there) and debugging."}),
                 "fp8_base": ("BOOLEAN", {"default": False, "tooltip": "Keep the frozen base weights in fp8 (half the memory of bf16); the LoRA stays fp32. For Flux on 12-16 GB cards."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": True, "tooltip": "Recompute activations in the backward pass: much less memory, ~20-30% slower."}),
                 "save_dtype": (["fp16", "bf16", "fp32"], {"default": "fp16", "tooltip": "dtype of the saved LoRA file. fp16 is what everyone loads."}),

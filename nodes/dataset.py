@@ -136,7 +136,7 @@ class LoRALabDataset:
     def VALIDATE_INPUTS(cls, folder):
         # Only `folder` is named: ComfyUI attributes the message to every input named here, and
         # still range-checks the others itself. Cross-field settings are checked when it runs.
-        return validation_message(lambda: scan_folder(resolve_folder(folder)))
+        return validation_message(lambda: scan_folder(resolve_folder(folder)), folder)
 
     @classmethod
     def IS_CHANGED(cls, folder, **kw):
@@ -194,5 +194,6 @@ class LoRALabDataset:
         for v in range(len(item.images)):
             latents.append(tensors[f"latent.{v}"])
             extra = dict(sizes[v]) if sizes else dict(plain)
-            conds.append({"cross_attn": tensors[f"cross_attn.{v}"], "pooled_output": tensors.get(f"pooled.{v}"), "extra": extra})
+            # The caption travels with its cached encoding: a text-encoder LoRA re-encodes it every step.
+            conds.append({"cross_attn": tensors[f"cross_attn.{v}"], "pooled_output": tensors.get(f"pooled.{v}"), "extra": extra, "caption": item.captions[v]})
         return Example(latents, conds, item.repeats, item.name)

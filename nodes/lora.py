@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -11,42 +13,76 @@ import comfy.utils
 import folder_paths
 
 from ..trainer import comfy_adapter
-from ..trainer.errors import ConfigError
+from ..trainer.errors import ConfigError, LoRALabError
 from ..trainer.io import load_lora, save_lora
 from ..trainer.paths import next_free, safe_child_path
-from .common import CATEGORY, LORA, SAVE_DTYPES, LoRALabNodeError, user_errors
+from .common import CATEGORY, LORA, SAVE_DTYPES, LoRALabNodeError, user_errors, validation_message
 
 NO_FILE = "(use the lora input)"
 
 
+STRENGTHS_EXAMPLE = "0, 0.5, 1.0, 1.5, 1.8"
+
+
 def parse_strengths(text: str) -> list[float]:
-    try:
-        values = [float(v) for v in str(text).replace(";", ",").split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError("strengths", f"{text!r} is not a comma-separated list of numbers, e.g. 0, 0.5, 1.0, 1.5, 1.8.") from None
-    if not 1 <= len(values) <= 16:
-        raise ConfigError("strengths", f"give 1 to 16 strengths, got {len(values)}.")
-    bad = [v for v in values if not -10.0 <= v <= 10.0]
-    if bad:
-        raise ConfigError("strengths", f"{bad} outside -10..10.")
+    words = [v.strip() for v in str(text).replace(";", ",").split(",") if v.strip()]
+    if not 1 <= len(words) <= 16:
+        raise ConfigError("strengths", f"give 1 to 16 comma-separated strengths, got {len(words)}; e.g. {STRENGTHS_EXAMPLE}.")
+    values = []
+    for word in words:
+        try:
+            value = float(word)
+        except ValueError:
+            raise ConfigError("strengths", f"{word!r} in {text!r} is not a number; write a comma-separated list such as {STRENGTHS_EXAMPLE}.") from None
+        if not math.isfinite(value) or not -10.0 <= value <= 10.0:
+            raise ConfigError("strengths", f"{word!r} is outside -10..10; use strengths from -10 to 10, e.g. {STRENGTHS_EXAMPLE}.")
+        values.append(value)
     return values
 
 
-def _weights(lora, lora_name):
+def check_strength(strength) -> float:
+    if not isinstance(strength, (int, float)) or not math.isfinite(strength) or not -10.0 <= strength <= 10.0:
+        raise ConfigError("strength", f"expected a number from -10 to 10, got {strength!r}; 1.0 applies the LoRA as trained, 0 is the base model.")
+    return float(strength)
+
+
+def _weights(lora, lora_name) -> tuple[dict, dict, str]:
+    """(weights, metadata, the input they came from) of the connected LoRA or the picked file."""
     if lora is not None:
-        return lora.weights
+        return lora.weights, lora.metadata, "lora"
     if not lora_name or lora_name == NO_FILE:
         raise LoRALabNodeError("lora: connect a trained LoRA or pick a file in lora_name.")
     path = folder_paths.get_full_path("loras", lora_name)
     if path is None:
         raise LoRALabNodeError(f"lora_name: {lora_name!r} is not in the loras folder any more; refresh the page and pick again.")
-    return load_lora(path)[0]
+    try:
+        weights, metadata = load_lora(path)
+    except LoRALabError as e:
+        raise ConfigError("lora_name", f"{e} Pick another file.") from None
+    return weights, metadata, "lora_name"
+
+
+def check_fits(model, clip, weights: dict, metadata: dict, field: str) -> None:
+    """Refuses a LoRA made for another model: ComfyUI would skip every weight whose name or size
+    doesn't fit (with a log line) and return the model unchanged, a LoRA that silently does nothing."""
+    fit, matched = comfy_adapter.lora_fit(model, clip, weights)
+    if fit and fit == matched:
+        return
+    made_for = metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture")
+    source = f" (its metadata says {made_for})" if made_for else ""
+    family = comfy_adapter.family_name(model.model)
+    problem = (f"{matched - fit} of its {matched} layers have other sizes than this {family} MODEL's" if matched
+               else f"none of its layer names exist in this {family} MODEL")
+    raise ConfigError(field, f"this LoRA is for another model{source}: {problem}, so ComfyUI would skip them. "
+                             f"Pick a LoRA trained for {family}, or load the checkpoint the LoRA was trained on.")
 
 
 class LoRALabApplyLoRA:
-    DESCRIPTION = "MODEL with a LoRA at any strength (-10..10). Strength multiplies the file's own alpha/rank scale, exactly like LoraLoader."
+    DESCRIPTION = "MODEL (and CLIP, for a LoRA with a text-encoder part) with a LoRA at any strength (-10..10). Strength multiplies the file's own alpha/rank scale, exactly like LoraLoader."
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("MODEL",)
+    RETURN_TYPES = ("MODEL", "CLIP")
+    RETURN_NAMES = ("model", "clip")
+    OUTPUT_TOOLTIPS = ("The model with the LoRA.", "The CLIP with the LoRA's text-encoder part (connect a CLIP to the clip input); encode your prompts with it.")
     FUNCTION = "apply"
 
     @classmethod
@@ -59,12 +95,19 @@ class LoRALabApplyLoRA:
             "optional": {
                 "lora": (LORA, {"tooltip": "A LoRA from the Train node."}),
                 "lora_name": ([NO_FILE] + folder_paths.get_filename_list("loras"), {"tooltip": "Or a saved .safetensors LoRA."}),
+                "clip": ("CLIP", {"tooltip": "Connect for a LoRA trained with train_text_encoder: its text-encoder part is applied to this CLIP at the same strength."}),
             },
         }
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, strength):
+        return validation_message(lambda: check_strength(strength), strength)
+
     @user_errors
-    def apply(self, model, strength, lora=None, lora_name=NO_FILE):
-        return (comfy_adapter.apply_lora(model, None, _weights(lora, lora_name), strength)[0],)
+    def apply(self, model, strength, lora=None, lora_name=NO_FILE, clip=None):
+        weights, metadata, field = _weights(lora, lora_name)
+        check_fits(model, clip, weights, metadata, field)
+        return comfy_adapter.apply_lora(model, clip, weights, check_strength(strength), strength)
 
 
 class LoRALabStrengthSweep:
@@ -80,8 +123,6 @@ class LoRALabStrengthSweep:
             "required": {
                 "model": ("MODEL", {"tooltip": "The base model the LoRA was trained on."}),
                 "lora": (LORA, {"tooltip": "The trained LoRA."}),
-                "positive": ("CONDITIONING", {"tooltip": "Prompt to test, usually with the trigger word."}),
-                "negative": ("CONDITIONING",),
                 "vae": ("VAE",),
                 "latent": ("LATENT", {"tooltip": "An Empty Latent Image of the size to test."}),
                 "strengths": ("STRING", {"default": "0, 0.5, 1.0, 1.5, 1.8", "tooltip": "Comma-separated strengths (-10..10)."}),
@@ -90,25 +131,34 @@ class LoRALabStrengthSweep:
                 "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 30.0, "step": 0.1}),
                 "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler"}),
                 "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "normal"}),
-            }
+            },
+            "optional": {
+                "positive": ("CONDITIONING", {"tooltip": "Prompt to test, usually with the trigger word (from CLIP Text Encode). For a LoRA with a text-encoder part, connect clip and type the prompt below instead."}),
+                "negative": ("CONDITIONING",),
+                "clip": ("CLIP", {"tooltip": "For a LoRA trained with train_text_encoder: the prompt is encoded with the LoRA applied to this CLIP at each strength (positive/negative are then not used)."}),
+                "prompt": ("STRING", {"default": "", "multiline": True, "tooltip": "Used with clip: the prompt to test, usually with the trigger word."}),
+                "negative_prompt": ("STRING", {"default": "blurry, low quality", "multiline": True, "tooltip": "Used with clip: the negative prompt."}),
+            },
         }
 
     @classmethod
     def VALIDATE_INPUTS(cls, strengths):
-        try:
-            parse_strengths(strengths)
-        except ConfigError as e:
-            return str(e)
-        return True
+        return validation_message(lambda: parse_strengths(strengths), strengths)
 
     @user_errors
-    def sweep(self, model, lora, positive, negative, vae, latent, strengths, seed, steps, cfg, sampler_name, scheduler):
+    def sweep(self, model, lora, vae, latent, strengths, seed, steps, cfg, sampler_name, scheduler, positive=None, negative=None, clip=None, prompt="", negative_prompt=""):
         values = parse_strengths(strengths)
+        if clip is not None and not str(prompt).strip():
+            raise ConfigError("prompt", "clip is connected, so the sweep encodes the prompt itself: type the prompt to test (with the trigger word).")
+        if clip is None and (positive is None or negative is None):
+            raise ConfigError("positive", "connect positive and negative conditioning (CLIP Text Encode), or connect clip and type a prompt.")
         latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
         noise = comfy.sample.prepare_noise(latent_image, seed, None)
         images = []
         for s in values:
-            patched = comfy_adapter.apply_lora(model, None, lora.weights, s)[0] if s != 0 else model
+            patched, patched_clip = comfy_adapter.apply_lora(model, clip, lora.weights, s, s) if s != 0 else (model, clip)
+            if clip is not None:
+                positive, negative = (patched_clip.encode_from_tokens_scheduled(patched_clip.tokenize(t)) for t in (prompt, negative_prompt))
             samples = comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, seed=seed, disable_pbar=True)
             images.append(vae.decode(samples)[:1])
         batch = torch.cat(images)
@@ -142,11 +192,7 @@ class LoRALabSaveLoRA:
 
     @classmethod
     def VALIDATE_INPUTS(cls, filename):
-        try:
-            safe_child_path(folder_paths.get_folder_paths("loras")[0], filename)
-        except ConfigError as e:
-            return str(e)
-        return True
+        return validation_message(lambda: safe_child_path(folder_paths.get_folder_paths("loras")[0], filename), filename)
 
     @user_errors
     def save(self, lora, filename, overwrite):

@@ -24,11 +24,11 @@ from ..trainer.errors import ConfigError
 from ..trainer.objective import LOSS_TYPES, TIMESTEP_SAMPLING, ObjectiveConfig, flux_resolution_shift, validate_for_prediction
 from ..trainer.optimizers import OptimizerConfig, check_available
 from ..trainer.report import chart_points
-from ..trainer.precision import PrecisionConfig, check_device_support
+from ..trainer.precision import PrecisionConfig, check_device_support, for_device
 from ..trainer.monitor import History
 from ..trainer.schedule import ScheduleConfig
 from ..trainer.schedule import preview as lr_preview
-from ..trainer.sessions import STORE, Entry, next_target
+from ..trainer.sessions import STORE, Entry, next_target, node_key
 from .common import CATEGORY, DATASET, HISTORY, LORA, NETWORK, OPTIMIZER, PRECISION, SAVE_DTYPES, LoRALabNodeError, TrainedLoRA, TrainingRecord, module_fingerprint, user_errors
 from .preview import PREVIEW, render_preview, save_temp_image, to_pil
 
@@ -126,7 +126,7 @@ class LoRALabTrain:
             "optional": {
                 "network": (NETWORK, {"tooltip": "LoRA Network settings; default rank 16, alpha 16."}),
                 "optimizer": (OPTIMIZER, {"tooltip": "Optimizer + schedule; default AdamW, unet_lr 1e-4, cosine, 5% warmup."}),
-                "precision": (PRECISION, {"tooltip": "Precision settings; default fp32 on CPU, bf16 on GPU."}),
+                "precision": (PRECISION, {"tooltip": "Precision settings; default auto: bf16 on recent GPUs, fp16 on older ones, fp32 on CPU."}),
                 "loss_type": (list(LOSS_TYPES), {"default": "mse", "tooltip": "mse is standard; huber/smooth_l1 are more robust to outlier images."}),
                 "min_snr_gamma": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.5, "tooltip": "Min-SNR weighting (5 is typical for SD1.5/SDXL; 0 = off). Flow models such as Flux don't use it: training Flux with a value > 0 stops with an error, leave it at 0 there."}),
                 "noise_offset": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Helps very dark/bright images; 0.05-0.1 typical, 0 = off."}),
@@ -135,6 +135,7 @@ class LoRALabTrain:
                 "guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux-dev only: the guidance value the model is conditioned on while training. 1.0 is the usual choice for LoRAs; sample with your normal guidance (e.g. 3.5) afterwards. Other models ignore it."}),
                 "validation_split": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.45, "step": 0.05, "tooltip": "Share of images held out to measure validation loss at fixed noise: the best sign of over-fitting. 0 = off."}),
                 "epochs": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "If > 0, train this many epochs (images x repeats / batch) instead of 'steps'."}),
+                "clip": ("CLIP", {"tooltip": "Only when the Network trains the text encoder (train_text_encoder): the CLIP from your checkpoint loader, the one the Dataset node used."}),
                 "continue_from": (LORA, {"tooltip": "Chain Train nodes: continue the session that trained this LoRA (train 200, preview, train 200 more)."}),
                 "preview": (PREVIEW, {"tooltip": "From a LoRA Lab Preview node: what to sample while training."}),
                 "preview_every": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Sample the preview every this many steps and at the end, shown on this node as it trains. 0 = off."}),
@@ -156,23 +157,27 @@ class LoRALabTrain:
         return True
 
     @user_errors
-    def train(self, model, dataset, steps, batch_size, gradient_accumulation, seed, mode, output_name, network=None, optimizer=None, precision=None, loss_type="mse", min_snr_gamma=0.0, noise_offset=0.0, timestep_sampling="uniform", validation_split=0.0, epochs=0, continue_from=None, flow_shift=3.0, guidance=1.0, preview=None, preview_every=0, save_every=0, unique_id=None):
+    def train(self, model, dataset, steps, batch_size, gradient_accumulation, seed, mode, output_name, network=None, optimizer=None, precision=None, loss_type="mse", min_snr_gamma=0.0, noise_offset=0.0, timestep_sampling="uniform", validation_split=0.0, epochs=0, continue_from=None, flow_shift=3.0, guidance=1.0, preview=None, preview_every=0, save_every=0, clip=None, unique_id=None):
         device = comfy.model_management.get_torch_device()
         network = network or NetworkConfig()
         opt_config, sched_config = optimizer or (OptimizerConfig(), ScheduleConfig(name="cosine", warmup_ratio=0.05))
-        precision = precision or PrecisionConfig(mixed_precision="fp32" if device.type == "cpu" else "bf16")
+        precision = for_device(precision or PrecisionConfig(mixed_precision="auto"), device)
         objective, objective_note = _objective(model, dataset, loss_type, min_snr_gamma, noise_offset, timestep_sampling, flow_shift)
         train_config = TrainConfig(steps=steps if not epochs else 0, epochs=epochs, batch_size=batch_size, gradient_accumulation=gradient_accumulation, seed=seed, validation_split=validation_split)
         problem = check_available(opt_config.name, device)
         if problem:
             raise LoRALabNodeError(f"optimizer: {problem}")
         warning = check_device_support(precision, device)
+        if network.train_text_encoder and clip is None:
+            raise ConfigError("clip", "the Network trains the text encoder (train_text_encoder is on): connect the CLIP from your checkpoint loader to the Train node's clip input, or turn train_text_encoder off.")
 
-        key = continue_from.session_key if continue_from is not None else f"train:{unique_id}"
+        key = continue_from.session_key if continue_from is not None else node_key(unique_id)
         fingerprint = _fingerprint(
             model, dataset, network=network, optimizer=opt_config, schedule=sched_config, precision=precision, objective=objective,
             training=train_config.__class__(**{**asdict(train_config), "steps": 1, "epochs": 0}), guidance={"guidance": guidance},
         )
+        if network.train_text_encoder:
+            fingerprint["text_encoder"] = module_fingerprint(clip.cond_stage_model)
         notes = [n for n in (warning, objective_note) if n]
         with torch.inference_mode(False):
             entry = STORE.get(key)
@@ -183,14 +188,15 @@ class LoRALabTrain:
                     changed = [k for k in fingerprint if entry.fingerprint.get(k) != fingerprint[k]]
                     notes.append(f"Started a new LoRA: the {', '.join(changed)} changed since the last run (set mode to 'continue' with the same inputs to keep training).")
                 STORE.release(key)
-                entry = Entry(self._new_session(model, dataset, network, opt_config, sched_config, precision, objective, train_config, guidance), fingerprint, 0, time.time())
+                entry = Entry(self._new_session(model, dataset, network, opt_config, sched_config, precision, objective, train_config, guidance, clip), fingerprint, 0, time.time())
                 STORE.put(key, entry)
             session = entry.session
-            if session.denoiser.model is not model.model:
+            text_encoder = session.denoiser.text_encoder
+            if session.denoiser.model is not model.model or (text_encoder is not None and text_encoder.clip.cond_stage_model is not clip.cond_stage_model):
                 # The same checkpoint, loaded again by ComfyUI (the fingerprint matched): train on
                 # the instance the workflow holds now instead of keeping the old one alive.
-                denoiser = comfy_adapter.ComfyDenoiser(model.clone(), guidance=guidance)
-                session.network.rebind(comfy_adapter.unet_targets(denoiser.model, session.network.config))
+                denoiser, targets = self._targets(model, session.network.config, guidance, clip)
+                session.network.rebind(targets)
                 session.denoiser = denoiser
             until = next_target(entry, session.total_steps if epochs else steps)
             entry.target_step = until
@@ -224,10 +230,19 @@ class LoRALabTrain:
         return {"ui": ui, "result": (out_model, lora, record)}
 
     @staticmethod
-    def _new_session(model, dataset, network, opt_config, sched_config, precision, objective, train_config, guidance=1.0) -> Session:
-        patcher = model.clone()
-        denoiser = comfy_adapter.ComfyDenoiser(patcher, guidance=guidance)
+    def _targets(model, network: NetworkConfig, guidance: float, clip=None):
+        """The denoiser over a clone of MODEL and the layers to adapt (the CLIP's too when the
+        text encoder trains)."""
+        text_encoder = comfy_adapter.ComfyTextEncoder(clip) if network.train_text_encoder else None
+        denoiser = comfy_adapter.ComfyDenoiser(model.clone(), guidance=guidance, text_encoder=text_encoder)
         targets = comfy_adapter.unet_targets(denoiser.model, network)
+        if text_encoder is not None:
+            targets += comfy_adapter.text_encoder_targets(clip, denoiser.family, network)
+        return denoiser, targets
+
+    @classmethod
+    def _new_session(cls, model, dataset, network, opt_config, sched_config, precision, objective, train_config, guidance=1.0, clip=None) -> Session:
+        denoiser, targets = cls._targets(model, network, guidance, clip)
         with torch.random.fork_rng(devices=[]):  # the LoRA's initial weights follow the seed too
             torch.manual_seed(train_config.seed)
             lora_network = LoRANetwork(targets, network)
@@ -290,7 +305,7 @@ class LoRALabTrain:
             conv_rank=net.conv_rank,
             conv_alpha=net.conv_alpha if net.conv_rank else 0,
             learning_rate=opt.unet_lr,
-            text_encoder_lr=None,
+            text_encoder_lr=opt.text_encoder_lr if net.train_text_encoder else None,
             steps=session.step,
             epochs=session.epoch_of(max(session.step - 1, 0)) + 1,
             started_at=entry.started_at,

@@ -1,14 +1,16 @@
 """The one module of the engine that imports ComfyUI: a ComfyUI MODEL as the engine's Denoiser.
 
 What it translates:
-    - the modules to adapt, with the kohya names every loader reads (`unet_targets`): names come
+    - the modules to adapt, with the kohya names every loader reads (`unet_targets`,
+      `text_encoder_targets` for the CLIP when the text encoder trains): names come
       from ComfyUI's own LoRA key map (comfy.lora.model_lora_keys_unet), so ComfyUI's stock
       LoraLoader applies every key we write. SD1.5 uses the diffusers-path names sd-scripts writes
       (also read by diffusers and A1111); other families use the LDM / BFL paths sd-scripts writes.
     - the model's noise schedule and prediction type (`model_sampling`), so each family is
       trained with its own objective;
     - a training forward (`ComfyDenoiser.denoise`): BaseModel.apply_model, which returns the
-      denoised estimate, with the conditioning built by the model's own `extra_conds`.
+      denoised estimate, with the conditioning built by the model's own `extra_conds`; with a
+      `ComfyTextEncoder` the captions are encoded by the CLIP inside every step (text-encoder LoRA).
 
 The LoRA is never merged into the model: the network's forward hooks are active only inside the
 engine's forward, so the MODEL the user passed in samples exactly as before training. For the
@@ -103,6 +105,69 @@ def unet_targets(model, config: NetworkConfig) -> list[Target]:
     )
 
 
+# The text-encoder names sd-scripts writes, per family: SD1.5 has one CLIP-L ("lora_te_");
+# SDXL has CLIP-L and CLIP-G ("lora_te1_", "lora_te2_"); for Flux only CLIP-L is trained
+# ("lora_te1_"), never T5. ComfyUI's key map lists several aliases per module; these pick one.
+TE_PREFIXES = {"sd15": ("lora_te_",), "sdxl": ("lora_te1_", "lora_te2_"), "flux": ("lora_te1_",)}
+TE_ATTENTION = "_self_attn_"
+
+
+def text_encoder_targets(clip, family: str, config: NetworkConfig) -> list[Target]:
+    """The CLIP layers sd-scripts adapts (attention q/k/v/out and MLP fc1/fc2 of every encoder
+    layer), with their kohya names, taken from ComfyUI's own CLIP LoRA key map so that stock
+    LoraLoader applies every key. `attn_only` keeps the attention projections only."""
+    root = getattr(clip, "cond_stage_model", None)
+    if not isinstance(root, torch.nn.Module):
+        raise ConfigError("clip", "this CLIP is not a ComfyUI text encoder LoRA Lab can train; connect the CLIP from your checkpoint loader.")
+    prefixes = TE_PREFIXES[family]
+    targets = []
+    for name, key in sorted(comfy.lora.model_lora_keys_clip(root, {}).items()):
+        if not name.startswith(prefixes) or "_encoder_layers_" not in name or not key.endswith(".weight"):
+            continue
+        if config.targets == "attn_only" and TE_ATTENTION not in name:
+            continue
+        module = root.get_submodule(key[: -len(".weight")])
+        if isinstance(module, torch.nn.Linear):
+            targets.append(Target(name, module, "linear"))
+    if not targets:
+        raise ConfigError(
+            "clip",
+            f"no text-encoder layers to train were found in this CLIP for a {family} model; connect the CLIP of the "
+            "checkpoint you train on, or turn train_text_encoder off in the Network node.",
+        )
+    return targets
+
+
+class ComfyTextEncoder:
+    """Encodes captions with a ComfyUI CLIP while its LoRA trains: the same call the Dataset node
+    cached its conditioning with, run again each step so gradients reach the text-encoder LoRA."""
+
+    def __init__(self, clip):
+        self.clip = clip
+        self._tokens: dict[str, Any] = {}
+
+    def load(self) -> None:
+        self.clip.load_model()
+        make_trainable(self.clip.cond_stage_model)
+
+    def encode(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (cross_attn [tokens, dim], pooled [dim] or None) for one caption."""
+        tokens = self._tokens.get(caption)
+        if tokens is None:
+            tokens = self._tokens[caption] = self.clip.tokenize(caption)
+        if torch.is_grad_enabled():
+            with autograd_safe(self.clip.cond_stage_model, CLIP_CONTAINERS):
+                out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        else:
+            out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
+        pooled = out.get("pooled_output")
+        return out["cond"][0], pooled[0] if pooled is not None else None
+
+
+def is_text_encoder_key(name: str) -> bool:
+    return name.startswith("lora_te")
+
+
 def checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
     """The blocks gradient checkpointing recomputes, in forward order: Flux's double/single blocks;
     for UNets the layers of each input/middle/output block (ResBlock, SpatialTransformer, ...),
@@ -146,19 +211,24 @@ def _clone_tensor_kwargs(kwargs: dict) -> dict:
     return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
 
 
+# Text-encoder blocks that update activations in place (`x += self_attn(...)`), see autograd_safe.
+CLIP_CONTAINERS = ("CLIPLayer",)
+
+
 @contextmanager
-def autograd_safe(diffusion_model: torch.nn.Module) -> Iterator[None]:
+def autograd_safe(diffusion_model: torch.nn.Module, containers: tuple[str, ...] = FLUX_CONTAINERS) -> Iterator[None]:
     """Makes blocks that update activations in place trainable, for the duration of the block.
 
     ComfyUI's Flux blocks write `x += ...` / `txt += ...` into tensors their LayerNorms have
     saved for backward; with a LoRA upstream those tensors require grad and backward fails with
     "modified by an inplace operation". A pre-hook hands each such LayerNorm a copy of its input
     (the copy is what gets saved), so the in-place update no longer touches a saved tensor. The
-    values computed are unchanged. UNet models need nothing and get no hooks.
+    values computed are unchanged. UNet models need nothing and get no hooks. ComfyUI's CLIP
+    layers do the same (`containers=CLIP_CONTAINERS`) when the text-encoder LoRA trains.
     """
     handles = []
     for block in diffusion_model.modules():
-        if type(block).__name__ not in FLUX_CONTAINERS:
+        if type(block).__name__ not in containers:
             continue
         for sub in block.modules():
             if isinstance(sub, torch.nn.LayerNorm):
@@ -252,8 +322,9 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module) -> Iterator[None]:
 class ComfyDenoiser:
     """The engine's Denoiser protocol over a ComfyUI ModelPatcher."""
 
-    def __init__(self, patcher, guidance: float = 1.0):
+    def __init__(self, patcher, guidance: float = 1.0, text_encoder: ComfyTextEncoder | None = None):
         self.patcher = patcher
+        self.text_encoder = text_encoder  # set when the text-encoder LoRA trains: captions are encoded each step
         self.model = patcher.model
         self.family = model_family(self.model)
         self.prediction = prediction_type(self.model)
@@ -265,6 +336,8 @@ class ComfyDenoiser:
         """Puts the model on the training device and makes its weights usable by autograd."""
         comfy.model_management.load_models_gpu([self.patcher], force_full_load=True)
         make_trainable(self.model.diffusion_model)
+        if self.text_encoder is not None:
+            self.text_encoder.load()
 
     def sigma_from_u(self, u: torch.Tensor) -> torch.Tensor:
         if self.prediction == "flow":
@@ -285,15 +358,18 @@ class ComfyDenoiser:
         """Batch of per-image conditioning -> apply_model kwargs, via the model's own extra_conds."""
         per_item = []
         for i, c in enumerate(conds):
+            cross_attn, pooled = c["cross_attn"], c.get("pooled_output")
+            if self.text_encoder is not None:
+                cross_attn, pooled = self.text_encoder.encode(c["caption"])
             kw = dict(c.get("extra", {}))
             kw.update(
-                cross_attn=c["cross_attn"][None].to(x.device),
+                cross_attn=cross_attn[None].to(x.device),
                 device=x.device,
                 noise=x[i : i + 1],
                 guidance=self.guidance,
             )
-            if c.get("pooled_output") is not None:
-                kw["pooled_output"] = c["pooled_output"][None].to(x.device)
+            if pooled is not None:
+                kw["pooled_output"] = pooled[None].to(x.device)
             kw.setdefault("width", x.shape[-1] * 8)
             kw.setdefault("height", x.shape[-2] * 8)
             per_item.append(self.model.extra_conds(**kw))
@@ -397,5 +473,61 @@ def free_memory_bytes(device: torch.device) -> int:
 
 
 def apply_lora(model, clip, weights: dict[str, torch.Tensor], strength_model: float, strength_clip: float = 0.0):
-    """MODEL (and CLIP) with a kohya-format LoRA, exactly as ComfyUI's LoraLoader applies it."""
+    """(MODEL, CLIP) with a kohya-format LoRA, exactly as ComfyUI's LoraLoader applies it.
+
+    Without a CLIP the text-encoder part of the LoRA is left out (rather than reported by
+    ComfyUI as "not loaded"); the CLIP comes back as given."""
+    if clip is None:
+        weights = {k: v for k, v in weights.items() if not is_text_encoder_key(k)}
     return comfy.sd.load_lora_for_models(model, clip, weights, strength_model, strength_clip)
+
+
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux"}
+
+
+def family_name(model) -> str:
+    """The model family in the user's words ("SD1.5", "SDXL", "Flux"), or ComfyUI's config name for others."""
+    try:
+        return FAMILY_NAMES[model_family(model)]
+    except ConfigError:
+        return type(model.model_config).__name__
+
+
+def lora_fit(model, clip, weights: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(weights that fit, weights whose names match) when `apply_lora` applies this LoRA.
+
+    Names are matched by ComfyUI's own key maps, and a kohya lora_up / lora_down pair fits when
+    its outer sizes are the layer's. A LoRA made for another model family fits nothing: ComfyUI
+    would then log every key as "not loaded" and return the model unchanged.
+    """
+    import comfy.lora_convert
+
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    shapes = {k: tuple(v.shape) for k, v in model.model.state_dict().items()}
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        shapes.update((k, tuple(v.shape)) for k, v in clip.cond_stage_model.state_dict().items())
+    else:
+        weights = {k: v for k, v in weights.items() if not is_text_encoder_key(k)}
+    converted = comfy.lora_convert.convert_lora(weights)
+    try:
+        patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
+    except TypeError:  # a ComfyUI without the log_missing switch (it then only logs)
+        patches = comfy.lora.load_lora(converted, key_map)
+    fit = sum(1 for key, patch in patches.items() if _patch_fits(patch, key, shapes))
+    return fit, len(patches)
+
+
+def _patch_fits(patch, key, shapes: dict) -> bool:
+    if isinstance(key, tuple):  # a slice of a fused weight (diffusers-style names for Flux's qkv)
+        return key[0] in shapes
+    shape = shapes.get(key)
+    if shape is None:
+        return False
+    try:
+        if getattr(patch, "name", None) != "lora" or patch.weights[5] is not None:
+            return True  # other adapter kinds (LoHa, LoKr, diff, ...) and reshaped LoRAs: ComfyUI checks them itself
+        up, down = patch.weights[0], patch.weights[1]
+        return len(shape) >= 2 and up.shape[0] == shape[0] and down.shape[1] == shape[1]
+    except (AttributeError, IndexError, TypeError):  # another ComfyUI's patch layout: the name matched, trust it
+        return True

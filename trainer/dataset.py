@@ -368,7 +368,11 @@ def _decode(data: bytes, path: str) -> Image.Image:
             _py_warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
-        raise ConfigError("folder", f"{path} declares a gigantic size; scale it down or remove it.") from None
+        raise ConfigError(
+            "folder",
+            f"{path} declares a size far above the limit of {MAX_IMAGE_PIXELS:,} pixels (8192x8192), too large "
+            "to open safely; scale it down (training uses 512-2048 px anyway) or remove it.",
+        ) from None
     except Image.UnidentifiedImageError:
         raise _file_error(path, "not an image file Pillow can read (empty, or another format renamed)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:

@@ -26,7 +26,7 @@ if str(HERE) not in sys.path:  # tests run with --import-mode=importlib: make th
     sys.path.insert(0, str(HERE))
 
 from comfy_server import ComfyServer, looks_like_comfyui  # noqa: E402
-from tiny_models import DATASET_DIR_NAME, TINY_CKPT_NAME, make_dataset  # noqa: E402
+from tiny_models import DATASET_DIR_NAME, SIZED_DIR, TINY_CKPT_NAME, TINY_SDXL_UNET_NAME, install_test_nodes, make_dataset  # noqa: E402
 SKIP_REASON = ("COMFYUI_PATH is not set: real-ComfyUI integration tests skipped "
                "(point it at a ComfyUI checkout to run them)")
 
@@ -86,6 +86,38 @@ def comfy_server(comfyui_path, tiny_checkpoint, tmp_path_factory):
     base = tmp_path_factory.mktemp("comfy_base")
     _place(tiny_checkpoint, base / "models" / "checkpoints" / TINY_CKPT_NAME)
     make_dataset(base / "input" / DATASET_DIR_NAME, n=8, size=64, seed=0)
+    srv = ComfyServer(comfyui_path, base)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        sys.stderr.write(f"\n[comfyui] server log: {srv.log_path}\n")
+
+
+
+@pytest.fixture(scope="session")
+def family_server(comfyui_path, tmp_path_factory):
+    """A second server for SDXL and Flux: the tiny SDXL UNet in models/diffusion_models (detected
+    as SDXL by the stock UNETLoader), the test-only node pack (stand-in encoders, tiny Flux, a
+    few-layer real SDXL CLIP), the 8-image dataset and SIZED_DIR."""
+    from PIL import Image
+
+    base = tmp_path_factory.mktemp("comfy_families")
+    unet = base / "models" / "diffusion_models" / TINY_SDXL_UNET_NAME
+    env = dict(os.environ, COMFYUI_PATH=str(comfyui_path))
+    r = subprocess.run([sys.executable, str(HERE / "tiny_models.py"), str(unet), "--family", "sdxl"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        pytest.fail(f"building the tiny SDXL UNet failed\n{r.stdout}\n{r.stderr}")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["detected"] == "SDXL"
+    make_dataset(base / "input" / DATASET_DIR_NAME, n=8, size=64, seed=0)
+    sized = base / "input" / SIZED_DIR
+    sized.mkdir(parents=True)
+    for name, size in (("wide", (96, 80)), ("tall", (64, 128))):
+        Image.new("RGB", size, (200, 40, 40)).save(sized / f"{name}.png")
+        (sized / f"{name}.txt").write_text("a photo of sks object")
+    install_test_nodes(base / "custom_nodes")
     srv = ComfyServer(comfyui_path, base)
     srv.start()
     try:

@@ -1,6 +1,5 @@
 """The example SD1.5 workflow, queued over HTTP against a real ComfyUI running on CPU."""
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -10,7 +9,7 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from comfy_server import PromptRejected, cached_nodes, execution_error, status_str, txt2img_prompt
+from comfy_server import PromptRejected, cached_nodes, txt2img_prompt
 from tiny_models import DATASET_DIR_NAME, TINY_CKPT_NAME
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))

@@ -19,42 +19,20 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from comfy_server import ComfyServer, execution_error
-from tiny_models import DATASET_DIR_NAME, TINY_SDXL_UNET_NAME, install_test_nodes, make_dataset
+from comfy_server import execution_error
+from tiny_models import DATASET_DIR_NAME, SDXL_CLIP_LAYERS, SIZED_DIR, TINY_SDXL_UNET_NAME
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from headless.workflow import DATASET, NETWORK, OPTIMIZER, PRECISION, SAVE, TRAIN  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODEL, ENCODERS, INFO = "1", "15", "16"
-SIZED_DIR = "lora_lab_sized"
 PROMPT = "a photo of sks object"
 
 
 @pytest.fixture(scope="module")
-def server(comfyui_path, tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_sdxl_flux")
-    unet = base / "models" / "diffusion_models" / TINY_SDXL_UNET_NAME
-    env = dict(os.environ, COMFYUI_PATH=str(comfyui_path))
-    r = subprocess.run([sys.executable, str(HERE / "tiny_models.py"), str(unet), "--family", "sdxl"],
-                       env=env, capture_output=True, text=True, timeout=600)
-    if r.returncode != 0:
-        pytest.fail(f"building the tiny SDXL UNet failed\n{r.stdout}\n{r.stderr}")
-    assert json.loads(r.stdout.strip().splitlines()[-1])["detected"] == "SDXL"
-    make_dataset(base / "input" / DATASET_DIR_NAME, n=8, size=64, seed=0)
-    sized = base / "input" / SIZED_DIR
-    sized.mkdir(parents=True)
-    for name, size in (("wide", (96, 80)), ("tall", (64, 128))):
-        Image.new("RGB", size, (200, 40, 40)).save(sized / f"{name}.png")
-        (sized / f"{name}.txt").write_text("a photo of sks object")
-    install_test_nodes(base / "custom_nodes")
-    srv = ComfyServer(comfyui_path, base)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        sys.stderr.write(f"\n[comfyui] server log: {srv.log_path}\n")
+def server(family_server):
+    return family_server
 
 
 def model_node(family):
@@ -179,6 +157,61 @@ def test_sdxl_file_has_sd_scripts_names_and_loads_in_stock_loader(sdxl):
     assert not any("down_blocks" in m for m in modules)
     assert meta["ss_base_model_version"].startswith("sdxl_") and meta["ss_network_dim"] == "8"
     check_stock_loader_applies_every_key(srv, "sdxl", path, before)
+
+
+# SDXL with the text-encoder LoRA: a real ComfyUI SDXL CLIP (CLIP-L + CLIP-G at their real widths,
+# 3 layers each: tiny_models.tiny_sdxl_clip) so its key map, tokenizer and in-place layers are ComfyUI's.
+SDXL_CLIP = "17"
+TE_LAYERS = ("self_attn_q_proj", "self_attn_k_proj", "self_attn_v_proj", "self_attn_out_proj", "mlp_fc1", "mlp_fc2")
+
+
+def sdxl_clip_image(srv, prefix, lora_name=None):
+    p = {
+        MODEL: model_node("sdxl"),
+        ENCODERS: {"class_type": "LoRALabTestEncoders", "inputs": {"family": "sdxl"}},
+        SDXL_CLIP: {"class_type": "LoRALabTestSDXLClip", "inputs": {"seed": 0}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": [SDXL_CLIP, 0]}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": [SDXL_CLIP, 0]}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "5": {"class_type": "KSampler", "inputs": {
+            "model": [MODEL, 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "seed": 7,
+            "steps": 3, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": [ENCODERS, 1]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": prefix}},
+    }
+    if lora_name:  # CLIP only: any change in the image comes from the text-encoder LoRA
+        p["20"] = {"class_type": "LoraLoader", "inputs": {"model": [MODEL, 0], "clip": [SDXL_CLIP, 0], "lora_name": lora_name, "strength_model": 0.0, "strength_clip": 1.0}}
+        p["2"]["inputs"]["clip"] = p["3"]["inputs"]["clip"] = ["20", 1]
+        p["5"]["inputs"]["model"] = ["20", 0]
+    entry = srv.run(p, timeout=300)
+    return np.asarray(Image.open(srv.output_file(entry["outputs"]["7"]["images"][0])).convert("RGB"), dtype=np.float32)
+
+
+def test_sdxl_text_encoder_lora_writes_te1_te2_and_loads_in_stock_loader(server):
+    before = sdxl_clip_image(server, "sdxl_te_before")
+    p = train_prompt("sdxl", "sdxl_te", 6, 3e-3)
+    p[SDXL_CLIP] = {"class_type": "LoRALabTestSDXLClip", "inputs": {"seed": 0}}
+    p[DATASET]["inputs"]["clip"] = [SDXL_CLIP, 0]
+    p[NETWORK]["inputs"]["train_text_encoder"] = True
+    p[OPTIMIZER]["inputs"]["text_encoder_lr"] = 2e-3
+    p[TRAIN]["inputs"]["clip"] = [SDXL_CLIP, 0]
+    entry = server.run(p, timeout=900)
+    path, modules, meta = lora_file(server, entry)
+    expected = {f"lora_te{n}_text_model_encoder_layers_{i}_{m}" for n in (1, 2) for i in range(SDXL_CLIP_LAYERS) for m in TE_LAYERS}
+    assert {m for m in modules if m.startswith("lora_te")} == expected
+    assert any(m.startswith("lora_unet_input_blocks_") for m in modules)
+    assert meta["ss_base_model_version"].startswith("sdxl_") and meta["ss_text_encoder_lr"] == "0.002" and meta["ss_unet_lr"] == "0.003"
+    with safe_open(str(path), "pt") as f:
+        moved = {m for m in expected if float(f.get_tensor(f"{m}.lora_up.weight").float().abs().max()) > 0}
+    # Both encoders' LoRAs trained (left their zero init), except CLIP-L's last layer: SDXL reads
+    # CLIP-L's penultimate layer, so (as in sd-scripts' files) that layer's LoRA is written but stays zero.
+    unused = {m for m in expected if m.startswith(f"lora_te1_text_model_encoder_layers_{SDXL_CLIP_LAYERS - 1}_")}
+    assert moved == expected - unused, sorted(expected - unused - moved)
+    log_before = server.log_text()
+    with_lora = sdxl_clip_image(server, "sdxl_te_lora", path.name)
+    new_log = server.log_text()[len(log_before):]
+    assert "lora key not loaded" not in new_log and "NOT LOADED" not in new_log, new_log[-3000:]
+    assert np.abs(with_lora - before).mean() > 0.05
 
 
 # ---------------------------------------------------------------- Flux

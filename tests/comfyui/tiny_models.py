@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -73,6 +72,7 @@ SD_VAE_DDCONFIG = {
 # File / folder names the test server uses (models/checkpoints/<TINY_CKPT_NAME>, input/<DATASET_DIR_NAME>).
 TINY_CKPT_NAME = "lora_lab_tiny_sd15.safetensors"
 DATASET_DIR_NAME = "lora_lab_dataset"
+SIZED_DIR = "lora_lab_sized"  # two odd-sized images for SDXL's size/crop conditioning
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -433,6 +433,51 @@ class LoRALabTestEncoders:
         return TinyTextEncoder(family), TinyVAE(family)
 
 
+# A real ComfyUI SDXL text encoder (SDXLClipModel: CLIP-L + CLIP-G, ComfyUI's tokenizer and LoRA
+# key map) at the real widths, with 3 encoder layers each instead of 12 / 32 (ComfyUI's per-encoder
+# config override), for training the text-encoder LoRA. Seeded random weights.
+SDXL_CLIP_LAYERS = 3
+
+
+def tiny_sdxl_clip(seed=0):
+    import torch
+    import comfy.sd
+    import comfy.sdxl_clip
+
+    class Target:
+        params = {}
+        clip = comfy.sdxl_clip.SDXLClipModel
+        tokenizer = comfy.sdxl_clip.SDXLTokenizer
+
+    layers = {"num_hidden_layers": SDXL_CLIP_LAYERS}
+    options = {"clip_l_model_config": layers, "clip_g_model_config": layers, "dtype": torch.float32}
+    clip = comfy.sd.CLIP(Target(), model_options=options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(clip.cond_stage_model.named_parameters()):
+            if "layer_norm" in name or "final_layer_norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return clip
+
+
+class LoRALabTestSDXLClip:
+    """Test-only node: a real ComfyUI SDXL CLIP with few layers (see tiny_sdxl_clip)."""
+    CATEGORY = "LoRA Lab tests"
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    def load(self, seed):
+        return (tiny_sdxl_clip(seed),)
+
+
 class LoRALabTestTinyFlux:
     """Test-only node: the narrow seeded Flux MODEL (see TINY_FLUX_CONFIG)."""
     CATEGORY = "LoRA Lab tests"
@@ -464,7 +509,7 @@ class LoRALabTestDatasetInfo:
         return {"ui": {"text": [json.dumps(rows)]}, "result": ()}
 
 
-TEST_NODE_CLASS_MAPPINGS = {"LoRALabTestEncoders": LoRALabTestEncoders, "LoRALabTestTinyFlux": LoRALabTestTinyFlux,
+TEST_NODE_CLASS_MAPPINGS = {"LoRALabTestEncoders": LoRALabTestEncoders, "LoRALabTestTinyFlux": LoRALabTestTinyFlux, "LoRALabTestSDXLClip": LoRALabTestSDXLClip,
                             "LoRALabTestDatasetInfo": LoRALabTestDatasetInfo}
 
 
