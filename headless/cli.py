@@ -1,9 +1,10 @@
 """`python <lora-lab folder> train ...`: the example workflow, run by ComfyUI's own executor, no browser.
 
 It starts ComfyUI headless in a throw-away base directory (this pack installed, your ComfyUI's
-models visible), queues exactly the graph of example_workflows/train_sd15_lora.json built from the
-options, shows progress, and copies the LoRA, the training report and the strength sweep into
---output. Options mirror the nodes' inputs and defaults.
+models visible), queues exactly the graph of example_workflows/train_<family>_lora.json built from
+the options, shows progress, and copies the LoRA, the training report and the strength sweep into
+--output. Options mirror the nodes' inputs and defaults; --family (sd15, sdxl, flux) picks the
+loaders, the test graph and the defaults that depend on the family (headless/workflow.py).
 """
 
 from __future__ import annotations
@@ -16,17 +17,39 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 from .server import REPO_ROOT, ComfyServer, ExecutionFailed, PromptRejected, ServerError, execution_error, looks_like_comfyui, status_str
-from .workflow import REPORT_SAVE, SAVE, SWEEP_SAVE, TRAIN, TrainingOptions, training_prompt
+from .workflow import FAMILIES, FAMILY_DEFAULTS, REPORT_SAVE, SAVE, SWEEP_SAVE, TRAIN, TrainingOptions, option_default, training_prompt
 
 HELP = {
-    "checkpoint": "checkpoint file (path) or a name in your ComfyUI's models/checkpoints",
+    "checkpoint": "sd15/sdxl: checkpoint file (path) or a name in your ComfyUI's models/checkpoints; "
+                  "flux: the diffusion model (path) or a name in models/diffusion_models",
     "dataset": "folder of images with .txt captions (kohya 10_name sub-folders for repeats)",
-    "mixed_precision": "fp32, bf16 or fp16 (default: fp32 on CPU, bf16 on GPU)",
+    "family": "the base model: sd15, sdxl or flux (default sd15)",
+    "mixed_precision": "auto, bf16, fp16 or fp32 (default auto: bf16 on recent GPUs, fp16 on older ones, fp32 on CPU)",
+    "clip_l": "flux: CLIP-L file (path) or a name in models/text_encoders (default clip_l.safetensors)",
+    "t5xxl": "flux: T5-XXL file (path) or a name in models/text_encoders (default t5xxl_fp16.safetensors)",
+    "vae": "flux: VAE file (path) or a name in models/vae (default ae.safetensors)",
+    "weight_dtype": "flux: UNETLoader weight_dtype, default fp8_e4m3fn (the model held in fp8 from the start); default for full precision",
+    "guidance": "flux: the guidance Flux-dev is conditioned on while training (default 1.0)",
+    "test_guidance": "flux: FluxGuidance of the test prompt and sweep (default 3.5)",
 }
+# Options that name a model file, and the models folder each lives in, per family.
+MODEL_FILES = {"checkpoint": {"sd15": "checkpoints", "sdxl": "checkpoints", "flux": "diffusion_models"},
+               "clip_l": {"flux": "text_encoders"}, "t5xxl": {"flux": "text_encoders"}, "vae": {"flux": "vae"}}
+
+
+def _help(name: str, default) -> str:
+    if name in HELP:
+        return HELP[name]
+    if name in FAMILY_DEFAULTS["sd15"]:
+        return "default " + ", ".join(f"{FAMILY_DEFAULTS[f][name]} ({f})" for f in FAMILIES)
+    return f"default {default}"
+
+
+def _flag_value(text: str):
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 def _guess_comfyui() -> str | None:
@@ -49,10 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         if f.default is dataclasses.MISSING:
             train.add_argument(flag, dest=f.name, required=True, help=HELP.get(f.name))
-        elif isinstance(f.default, bool):
-            train.add_argument(flag, dest=f.name, type=lambda v: v.lower() in ("1", "true", "yes", "on"), default=f.default, metavar="true|false", help=f"default {f.default}")
+            continue
+        example = option_default(f.name)  # None below: the family's default (TrainingOptions fills it in)
+        default = None if f.default is None else f.default
+        if f.name == "family":
+            train.add_argument(flag, dest=f.name, choices=FAMILIES, default=default, help=HELP["family"])
+        elif isinstance(example, bool):
+            train.add_argument(flag, dest=f.name, type=_flag_value, default=default, metavar="true|false", help=_help(f.name, default))
         else:
-            train.add_argument(flag, dest=f.name, type=type(f.default), default=None if f.name == "mixed_precision" else f.default, help=HELP.get(f.name, f"default {f.default}"))
+            train.add_argument(flag, dest=f.name, type=type(example), default=default, help=_help(f.name, default))
     return parser
 
 
@@ -65,13 +93,14 @@ def _use_gpu(device: str) -> bool:
 
 
 def _prepare(args, base: Path) -> dict:
-    """Base directory for ComfyUI: your models visible, the checkpoint and dataset resolved."""
-    (base / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    """Base directory for ComfyUI: your models visible, model files given as paths linked in, the dataset resolved."""
     opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingOptions)}
-    ckpt = Path(args.checkpoint).expanduser()
-    if ckpt.is_file():
-        os.symlink(ckpt.resolve(), base / "models" / "checkpoints" / ckpt.name)
-        opts["checkpoint"] = ckpt.name
+    for name, folders in MODEL_FILES.items():
+        path = Path(opts[name]).expanduser()
+        if args.family in folders and path.is_file():
+            (base / "models" / folders[args.family]).mkdir(parents=True, exist_ok=True)
+            os.symlink(path.resolve(), base / "models" / folders[args.family] / path.name)
+            opts[name] = path.name
     dataset = Path(args.dataset).expanduser()
     if not dataset.is_dir():
         raise SystemExit(f"--dataset: {dataset} is not a folder; point it at your images (with .txt captions).")
@@ -150,8 +179,6 @@ def train(args) -> int:
         print(f"--comfyui: {args.comfyui!r} is not a ComfyUI folder (needs main.py and comfy/). Set --comfyui or COMFYUI_PATH.", file=sys.stderr)
         return 2
     gpu = _use_gpu(args.device)
-    if args.mixed_precision is None:
-        args.mixed_precision = "bf16" if gpu else "fp32"
     out = Path(args.output).expanduser().resolve()
     with tempfile.TemporaryDirectory(prefix="lora_lab_") as tmp:
         base = Path(tmp)
@@ -159,7 +186,7 @@ def train(args) -> int:
         server = ComfyServer(args.comfyui, base, cpu=not gpu, extra_args=["--extra-model-paths-config", str(base / "extra_model_paths.yaml")], startup_timeout=600)
         try:
             with server:
-                print(f"ComfyUI is up ({'GPU' if gpu else 'CPU'}); training {options.output_name}: {options.steps} steps, rank {options.rank}, alpha {options.alpha:g}", file=sys.stderr)
+                print(f"ComfyUI is up ({'GPU' if gpu else 'CPU'}); training {options.output_name} ({options.family}): {options.steps} steps, rank {options.rank}, alpha {options.alpha:g}", file=sys.stderr)
                 with _Progress(server):
                     entry = server.wait(server.queue(training_prompt(options)), timeout=args.timeout)
                 if status_str(entry) != "success":

@@ -1,4 +1,4 @@
-"""API-format prompt -> ComfyUI UI-format (LiteGraph) workflow, and the example workflow file.
+"""API-format prompt -> ComfyUI UI-format (LiteGraph) workflow, and the example workflow files.
 
     ui = api_to_ui(prompt, object_info, layout=None, groups=None)
 
@@ -20,10 +20,13 @@ input (``link`` null when unconnected), plus widget inputs only where a link fee
 ``groups`` is a list of {"title", "nodes": [prompt ids]} (bounding computed around them) or
 {"title", "bounding": [x, y, w, h]}, each with an optional "color".
 
-Regenerate example_workflows/train_sd15_lora.json (+ its .jpg thumbnail) from the repo root:
+The example workflows are example_workflows/train_{sd15,sdxl,flux}_lora.json (EXAMPLES), each with a
+.jpg thumbnail: a diagram of its graph. Regenerate all of them from the repo root with
 
-    COMFYUI_PATH=/path/to/ComfyUI python -m headless.ui_workflow example_workflows/train_sd15_lora.json
-    python -m headless.ui_workflow OUT.json --object-info object_info.json
+    COMFYUI_PATH=/path/to/ComfyUI python -m headless.ui_workflow example_workflows/
+    python -m headless.ui_workflow OUT.json --family sdxl --object-info object_info.json
+
+(a file named like an example gets that example's family unless --family says otherwise).
 
 No ComfyUI imports: this is data (the thumbnail needs Pillow).
 """
@@ -38,8 +41,8 @@ import tempfile
 from pathlib import Path
 
 from .workflow import (
-    CKPT, DATASET, LATENT, NEG, NETWORK, OPTIMIZER, POS, PRECISION, PREVIEW, REPORT, REPORT_SAVE, SAVE, SWEEP, SWEEP_SAVE,
-    TRAIN, TrainingOptions, training_prompt,
+    CKPT, CLIP_LOADER, DATASET, FAMILIES, GUIDANCE, LATENT, NEG, NETWORK, OPTIMIZER, POS, PRECISION, PREVIEW, REPORT,
+    REPORT_SAVE, SAVE, SWEEP, SWEEP_SAVE, TRAIN, VAE_LOADER, TrainingOptions, training_prompt,
 )
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -52,9 +55,15 @@ TITLE_H, SLOT_H, WIDGET_H, NODE_W = 30, 20, 24, 320
 EXTRA_ROOM = {"LoRALabTrain": (460, 300), "LoRALabOptimizer": (NODE_W, 140), "LoRALabDataset": (NODE_W, 110)}
 GROUP_PAD, GROUP_HEADER = 24, 40
 
-EXAMPLE_OPTIONS = TrainingOptions(checkpoint="v1-5-pruned-emaonly.safetensors", dataset="lora_dataset",
-                                  output_name="my_lora", trigger_word="sks", test_prompt="a photo of sks person",
-                                  preview_every=100)
+_EXAMPLE_COMMON = dict(dataset="lora_dataset", output_name="my_lora", trigger_word="sks",
+                       test_prompt="a photo of sks person", preview_every=100)
+# family -> (file name without extension in example_workflows/, the options it is built from)
+EXAMPLES = {
+    "sd15": ("train_sd15_lora", TrainingOptions(checkpoint="v1-5-pruned-emaonly.safetensors", **_EXAMPLE_COMMON)),
+    "sdxl": ("train_sdxl_lora", TrainingOptions(family="sdxl", checkpoint="sd_xl_base_1.0.safetensors", **_EXAMPLE_COMMON)),
+    "flux": ("train_flux_lora", TrainingOptions(family="flux", checkpoint="flux1-dev.safetensors", **_EXAMPLE_COMMON)),
+}
+EXAMPLE_OPTIONS = EXAMPLES["sd15"][1]
 
 
 # ----------------------------------------------------------------- node definitions
@@ -289,43 +298,48 @@ def api_to_ui(prompt: dict, object_info: dict, layout: dict | None = None, group
 
 
 # ----------------------------------------------------------------- the example workflow
-def example_layout(object_info: dict, prompt: dict) -> tuple[dict, list]:
+TRAIN_COLUMNS = [[CKPT, CLIP_LOADER, VAE_LOADER, DATASET], [NETWORK, OPTIMIZER, PRECISION], [TRAIN], [SAVE, REPORT, REPORT_SAVE]]
+TEST_COLUMNS = [[POS, GUIDANCE, NEG, LATENT], [SWEEP, PREVIEW], [SWEEP_SAVE]]
+TITLES = {  # node id -> (title, color, bgcolor); a family's title where it differs
+    POS: ("Test prompt (positive)", "#232", "#353"),
+    NEG: ("Test prompt (negative)", "#322", "#533"),
+    ("flux", NEG): ("Negative: zeroed (Flux-dev samples at cfg 1.0)", "#322", "#533"),
+    ("flux", GUIDANCE): ("Test guidance (Flux)", "#232", "#353"),
+}
+
+
+def example_layout(object_info: dict, prompt: dict, family: str = "sd15") -> tuple[dict, list]:
     """Training on the left, the strength-sweep test on the right, data flowing left to right."""
     size = {k: node_size(n["class_type"], object_info) for k, n in prompt.items()}
     gap_x, gap_y = 50, 40
-    columns = [  # (group, node ids stacked top to bottom)
-        ("train", [CKPT, DATASET]),
-        ("train", [NETWORK, OPTIMIZER, PRECISION]),
-        ("train", [TRAIN]),
-        ("train", [SAVE, REPORT, REPORT_SAVE]),
-        ("test", [POS, NEG, LATENT]),
-        ("test", [SWEEP] + ([PREVIEW] if PREVIEW in prompt else [])),
-        ("test", [SWEEP_SAVE]),
-    ]
     layout, x, prev = {}, 0, None
-    for group, col in columns:
-        if prev is not None and group != prev:
-            x += 2 * GROUP_PAD + 80  # room between the two groups
-        y = 0
-        for k in col:
-            layout[k] = {"pos": [x, y], "size": size[k]}
-            y += size[k][1] + TITLE_H + gap_y
-        x += max(size[k][0] for k in col) + gap_x
-        prev = group
-    layout[POS].update(title="Test prompt (positive)", color="#232", bgcolor="#353")
-    layout[NEG].update(title="Test prompt (negative)", color="#322", bgcolor="#533")
+    for group, columns in (("train", TRAIN_COLUMNS), ("test", TEST_COLUMNS)):
+        for col in columns:
+            col = [k for k in col if k in prompt]
+            if prev is not None and group != prev:
+                x += 2 * GROUP_PAD + 80  # room between the two groups
+            y = 0
+            for k in col:
+                layout[k] = {"pos": [x, y], "size": size[k]}
+                y += size[k][1] + TITLE_H + gap_y
+            x += max(size[k][0] for k in col) + gap_x
+            prev = group
+    for k in prompt:
+        title = TITLES.get((family, k)) or TITLES.get(k)
+        if title:
+            layout[k].update(zip(("title", "color", "bgcolor"), title))
+    present = lambda columns: [k for col in columns for k in col if k in prompt]  # noqa: E731
     groups = [
-        {"title": "Training", "nodes": [CKPT, DATASET, NETWORK, OPTIMIZER, PRECISION, TRAIN, SAVE, REPORT, REPORT_SAVE],
-         "color": "#3f789e"},
-        {"title": "Test: strength sweep (and previews while training)", "nodes": [POS, NEG, LATENT, SWEEP, SWEEP_SAVE] + ([PREVIEW] if PREVIEW in prompt else []), "color": "#8A8"},
+        {"title": "Training", "nodes": present(TRAIN_COLUMNS), "color": "#3f789e"},
+        {"title": "Test: strength sweep (and previews while training)", "nodes": present(TEST_COLUMNS), "color": "#8A8"},
     ]
     return layout, groups
 
 
 def example_workflow(object_info: dict, options: TrainingOptions = EXAMPLE_OPTIONS) -> dict:
-    """The UI twin of training_prompt(options): the content of example_workflows/train_sd15_lora.json."""
+    """The UI twin of training_prompt(options): the content of example_workflows/train_<family>_lora.json."""
     prompt = training_prompt(options)
-    layout, groups = example_layout(object_info, prompt)
+    layout, groups = example_layout(object_info, prompt, options.family)
     return api_to_ui(prompt, object_info, layout, groups)
 
 
@@ -334,8 +348,18 @@ def dumps(workflow: dict) -> str:
 
 
 # ----------------------------------------------------------------- thumbnail
-def render_thumbnail(path, width: int = 400, height: int = 300):
-    """A small diagram of the example workflow (the template browser shows it next to the JSON)."""
+# What the thumbnail draws per family: title, training group title, loaders, test inputs.
+THUMBNAILS = {
+    "sd15": ("LoRA Lab: train an SD1.5 LoRA", "Training", ("Checkpoint",), ("Prompts", "Latent")),
+    "sdxl": ("LoRA Lab: train an SDXL LoRA", "Training (1024 px)", ("SDXL ckpt",), ("Prompts", "Latent 1024")),
+    "flux": ("LoRA Lab: train a Flux LoRA", "Training (1024 px, fp8 base)", ("Flux UNet", "CLIP-L + T5", "VAE (ae)"),
+             ("Prompt", "Guidance", "SD3 latent")),
+}
+
+
+def render_thumbnail(path, width: int = 400, height: int = 300, family: str = "sd15"):
+    """A small diagram of the family's example workflow (the template browser shows it next to the JSON)."""
+    title, train_title, loaders, test_inputs = THUMBNAILS[family]
     from PIL import Image, ImageDraw, ImageFont
 
     def font(size):
@@ -350,7 +374,7 @@ def render_thumbnail(path, width: int = 400, height: int = 300):
         draw.line([(gx, 0), (gx, height)], fill="#25262a")
     for gy in range(0, height, 20):
         draw.line([(0, gy), (width, gy)], fill="#25262a")
-    draw.text((width // 2, 22), "LoRA Lab: train an SD1.5 LoRA", font=font(19), fill="#e8e8e8", anchor="mm")
+    draw.text((width // 2, 22), title, font=font(19), fill="#e8e8e8", anchor="mm")
 
     def group(box, title, color):
         x0, y0, x1, y1 = box
@@ -373,19 +397,23 @@ def render_thumbnail(path, width: int = 400, height: int = 300):
         draw.polygon([(x1, y1), (x1 - 8 * ux + 4 * uy, y1 - 8 * uy - 4 * ux), (x1 - 8 * ux - 4 * uy, y1 - 8 * uy + 4 * ux)],
                      fill=color)
 
-    group([10, 40, 390, 190], "Training", "#3f789e")
+    group([10, 40, 390, 190], train_title, "#3f789e")
     group([10, 200, 390, 292], "Test: strength sweep", "#5f8f5f")
     train = node(205, 121, "Train", w=84, h=56, color="#3d5f85")
-    for i, label in enumerate(("Checkpoint", "Dataset", "Network", "Optimizer", "Precision")):
-        cy = 77 + 22 * i
-        node(62, cy, label, w=90, h=18)
+    inputs = loaders + ("Dataset", "Network", "Optimizer", "Precision")
+    step = min(22, 102 // (len(inputs) - 1))  # stacked inside the group, under its title bar
+    for i, label in enumerate(inputs):
+        cy = 121 - step * (len(inputs) - 1) // 2 + step * i
+        node(62, cy, label, w=90, h=min(18, step - 3))
         arrow((108, cy), (train[0] - 1, 121 + (cy - 121) // 3))
     for cy, label in ((100, "Save LoRA"), (142, "Report")):
         node(335, cy, label, w=80, h=22)
         arrow((train[2] + 1, 121 + (cy - 121) // 3), (294, cy))
     sweep = node(205, 252, "Strength sweep", w=104, h=36, color="#3d6b4a")
-    for cy, label in ((237, "Prompts"), (268, "Latent")):
-        node(62, cy, label, w=90, h=22)
+    step = 31 if len(test_inputs) == 2 else 21
+    for i, label in enumerate(test_inputs):
+        cy = 252 - step * (len(test_inputs) - 1) // 2 + step * i
+        node(62, cy, label, w=90, h=min(22, step - 3))
         arrow((108, cy), (sweep[0] - 1, 252 + (cy - 252) // 3))
     arrow((205, train[3] + 1), (205, sweep[1] - 1), color="#a8c8e8")  # the trained LoRA into the sweep
     for i, s in enumerate(("0", "0.5", "1", "1.5", "1.8")):  # the sweep grid: one cell per strength
@@ -408,10 +436,22 @@ def live_object_info(comfyui_path) -> dict:
             return srv.object_info()
 
 
+def targets(out: str, family: str | None) -> list[tuple[Path, str]]:
+    """(file, family) to write: a folder gets every example under its own name; a file named like an
+    example gets that example's family unless one is given."""
+    path = Path(out)
+    if path.is_dir() or out.endswith(("/", os.sep)):
+        families = [family] if family else list(EXAMPLES)
+        return [(path / f"{EXAMPLES[f][0]}.json", f) for f in families]
+    named = next((f for f, (name, _) in EXAMPLES.items() if path.stem == name), None)
+    return [(path, family or named or "sd15")]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m headless.ui_workflow",
-                                description="Write the example workflow (UI format) and its thumbnail.")
-    p.add_argument("out", help="the .json to write, e.g. example_workflows/train_sd15_lora.json")
+                                description="Write the example workflows (UI format) and their thumbnails.")
+    p.add_argument("out", help="a folder (every family's example, e.g. example_workflows/) or one .json file")
+    p.add_argument("--family", choices=FAMILIES, help="the example to write (default: from the file name, else sd15)")
     p.add_argument("--object-info", help="a saved GET /object_info JSON (default: ask a temporary ComfyUI at $COMFYUI_PATH)")
     p.add_argument("--no-thumbnail", action="store_true", help="don't write the .jpg next to the .json")
     a = p.parse_args(argv)
@@ -421,13 +461,13 @@ def main(argv=None) -> int:
         object_info = live_object_info(os.environ["COMFYUI_PATH"])
     else:
         p.error("give --object-info FILE or set COMFYUI_PATH to a ComfyUI checkout")
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(dumps(example_workflow(object_info)), encoding="utf-8")
-    print(f"wrote {out}")
-    if not a.no_thumbnail:
-        render_thumbnail(out.with_suffix(".jpg"))
-        print(f"wrote {out.with_suffix('.jpg')}")
+    for out, family in targets(a.out, a.family):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(dumps(example_workflow(object_info, EXAMPLES[family][1])), encoding="utf-8")
+        print(f"wrote {out} ({family})")
+        if not a.no_thumbnail:
+            render_thumbnail(out.with_suffix(".jpg"), family=family)
+            print(f"wrote {out.with_suffix('.jpg')}")
     return 0
 
 

@@ -1,27 +1,72 @@
-"""The example training + test workflow, in ComfyUI's API format, built from one set of options.
+"""The example training + test workflows (SD1.5, SDXL, Flux), in ComfyUI's API format, from one set of options.
+
+    prompt = training_prompt(TrainingOptions(checkpoint=..., dataset=..., family="sdxl"))
 
 The headless command (`python <pack folder> train ...`) queues exactly this graph, and
-example_workflows/train_sd15_lora.json is its UI-format twin (a test checks they agree), so the
-command line, the template and the integration tests all run the same workflow.
+example_workflows/train_<family>_lora.json is its UI-format twin (a test checks they agree), so the
+command line, the templates and the integration tests all run the same workflow.
+
+Per family:
+  sd15, sdxl  CheckpointLoaderSimple (MODEL, CLIP, VAE); test graph CLIPTextEncode + EmptyLatentImage.
+  flux        UNETLoader (models/diffusion_models), DualCLIPLoader (clip_l + t5xxl, type flux) and
+              VAELoader (ae.safetensors); test graph CLIPTextEncode -> FluxGuidance, negative zeroed
+              (Flux-dev has no negative prompt: cfg 1.0), EmptySD3LatentImage — as ComfyUI's own Flux
+              examples do. Trained with flux_shift timesteps at guidance 1.0, fp8 base weights.
+
+Options left at None take the family's default (FAMILY_DEFAULTS). Inputs that no option sets are in
+FIXED_INPUTS, per node class: a new node input with a default is added there, once.
 
 No ComfyUI imports: this is data.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 # Node ids, stable so tests and the UI twin can refer to them.
 CKPT, DATASET, NETWORK, OPTIMIZER, PRECISION, TRAIN, SAVE, REPORT, REPORT_SAVE = "1", "2", "3", "4", "5", "6", "7", "8", "9"
 POS, NEG, LATENT, SWEEP, SWEEP_SAVE, PREVIEW = "10", "11", "12", "13", "14", "15"
+CLIP_LOADER, VAE_LOADER, GUIDANCE = "16", "17", "18"  # Flux: its separate text-encoder and VAE files, FluxGuidance
+
+FAMILIES = ("sd15", "sdxl", "flux")
+
+# What "None" means per family. SDXL and Flux train and sample at 1024 px; Flux is sampled as ComfyUI's
+# Flux-dev examples do (cfg 1.0, scheduler simple) and trained memory-economically (fp8 base weights).
+FAMILY_DEFAULTS = {
+    "sd15": {"resolution": 512, "test_size": 512, "test_steps": 20, "test_cfg": 7.0, "test_scheduler": "normal",
+             "save_dtype": "fp16", "fp8_base": False, "timestep_sampling": "uniform"},
+    "sdxl": {"resolution": 1024, "test_size": 1024, "test_steps": 25, "test_cfg": 7.0, "test_scheduler": "normal",
+             "save_dtype": "fp16", "fp8_base": False, "timestep_sampling": "uniform"},
+    "flux": {"resolution": 1024, "test_size": 1024, "test_steps": 20, "test_cfg": 1.0, "test_scheduler": "simple",
+             "save_dtype": "bf16", "fp8_base": True, "timestep_sampling": "flux_shift"},
+}
+
+# Inputs no option sets, per node class (merged under the inputs the builder sets).
+FIXED_INPUTS = {
+    "LoRALabDataset": {"bucket": True},
+    "LoRALabNetwork": {"targets": "attn_mlp", "conv_rank": 0, "conv_alpha": 1.0, "dropout": 0.0},
+    "LoRALabOptimizer": {"text_encoder_lr": 5e-5, "weight_decay": 0.01, "warmup_steps": 0, "min_lr_ratio": 0.0,
+                         "cycles": 1, "power": 1.0},
+    "LoRALabPrecision": {"max_grad_norm": 1.0},
+    "LoRALabTrain": {"gradient_accumulation": 1, "mode": "continue"},
+    "LoRALabSaveLoRA": {"overwrite": False},
+    "LoRALabTrainingReport": {"width": 1024, "height": 640},
+    "LoRALabStrengthSweep": {"sampler_name": "euler"},
+    "LoRALabPreview": {"sampler_name": "euler"},
+    "EmptyLatentImage": {"batch_size": 1},
+    "EmptySD3LatentImage": {"batch_size": 1},
+    "DualCLIPLoader": {"type": "flux", "device": "default"},
+}
+NEGATIVE_PROMPT = "blurry, low quality"
 
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    checkpoint: str
+    checkpoint: str  # sd15 / sdxl: a file in models/checkpoints; flux: the diffusion model in models/diffusion_models
     dataset: str
+    family: str = "sd15"
     output_name: str = "my_lora"
-    resolution: int = 512
+    resolution: int | None = None
     repeats: int = 1
     trigger_word: str = ""
     rank: int = 16
@@ -30,61 +75,112 @@ class TrainingOptions:
     unet_lr: float = 1e-4
     scheduler: str = "cosine"
     warmup_ratio: float = 0.05
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "auto"  # bf16 on recent GPUs, fp16 on older ones, fp32 on CPU
+    fp8_base: bool | None = None
     gradient_checkpointing: bool = True
-    save_dtype: str = "fp16"
+    save_dtype: str | None = None
     steps: int = 500
     batch_size: int = 1
     seed: int = 42
     min_snr_gamma: float = 0.0
+    timestep_sampling: str | None = None
     validation_split: float = 0.0
     test_prompt: str = "a photo"
     strengths: str = "0, 0.5, 1.0, 1.5, 1.8"
-    test_steps: int = 20
-    test_cfg: float = 7.0
-    test_size: int = 512
+    test_steps: int | None = None
+    test_cfg: float | None = None
+    test_scheduler: str | None = None
+    test_size: int | None = None
     preview_every: int = 0  # > 0: the Train node samples the test prompt every N steps
+    # Flux only (the other families ignore them)
+    clip_l: str = "clip_l.safetensors"  # models/text_encoders
+    t5xxl: str = "t5xxl_fp16.safetensors"  # models/text_encoders; t5xxl_fp8_e4m3fn.safetensors needs less memory
+    vae: str = "ae.safetensors"  # models/vae
+    weight_dtype: str = "fp8_e4m3fn"  # UNETLoader: the diffusion model is held in fp8 from the start
+    guidance: float = 1.0  # the guidance value Flux-dev is conditioned on while training
+    test_guidance: float = 3.5  # FluxGuidance of the test prompt
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family: {self.family!r} is not one of {', '.join(FAMILIES)}; pick the base model's family")
+        for name, value in FAMILY_DEFAULTS[self.family].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+
+def option_default(name: str):
+    """The default of an option, as SD1.5 has it (FAMILY_DEFAULTS for those that depend on the family)."""
+    f = next(f for f in fields(TrainingOptions) if f.name == name)
+    return FAMILY_DEFAULTS["sd15"][name] if f.default is None else f.default
+
+
+def node(class_type: str, **inputs) -> dict:
+    return {"class_type": class_type, "inputs": {**FIXED_INPUTS.get(class_type, {}), **inputs}}
+
+
+def _loaders(o: TrainingOptions) -> tuple[dict, dict]:
+    """The loader nodes and where MODEL, CLIP and VAE come from."""
+    if o.family == "flux":
+        nodes = {
+            CKPT: node("UNETLoader", unet_name=o.checkpoint, weight_dtype=o.weight_dtype),
+            CLIP_LOADER: node("DualCLIPLoader", clip_name1=o.clip_l, clip_name2=o.t5xxl),
+            VAE_LOADER: node("VAELoader", vae_name=o.vae),
+        }
+        return nodes, {"model": [CKPT, 0], "clip": [CLIP_LOADER, 0], "vae": [VAE_LOADER, 0]}
+    return {CKPT: node("CheckpointLoaderSimple", ckpt_name=o.checkpoint)}, {"model": [CKPT, 0], "clip": [CKPT, 1], "vae": [CKPT, 2]}
+
+
+def _training(o: TrainingOptions, src: dict) -> dict:
+    train = dict(model=src["model"], dataset=[DATASET, 0], network=[NETWORK, 0], optimizer=[OPTIMIZER, 0],
+                 precision=[PRECISION, 0], steps=o.steps, batch_size=o.batch_size, seed=o.seed,
+                 output_name=o.output_name, min_snr_gamma=o.min_snr_gamma, validation_split=o.validation_split)
+    if o.family == "flux":
+        train.update(timestep_sampling=o.timestep_sampling, guidance=o.guidance)
+    elif o.timestep_sampling != "uniform":
+        train.update(timestep_sampling=o.timestep_sampling)
+    return {
+        DATASET: node("LoRALabDataset", folder=o.dataset, vae=src["vae"], clip=src["clip"], resolution=o.resolution,
+                      repeats=o.repeats, trigger_word=o.trigger_word),
+        NETWORK: node("LoRALabNetwork", rank=o.rank, alpha=o.alpha),
+        OPTIMIZER: node("LoRALabOptimizer", optimizer=o.optimizer, unet_lr=o.unet_lr, scheduler=o.scheduler,
+                        warmup_ratio=o.warmup_ratio),
+        PRECISION: node("LoRALabPrecision", mixed_precision=o.mixed_precision, fp8_base=o.fp8_base,
+                        gradient_checkpointing=o.gradient_checkpointing, save_dtype=o.save_dtype),
+        TRAIN: node("LoRALabTrain", **train),
+        SAVE: node("LoRALabSaveLoRA", lora=[TRAIN, 1], filename=o.output_name),
+        REPORT: node("LoRALabTrainingReport", history=[TRAIN, 2]),
+        REPORT_SAVE: node("SaveImage", images=[REPORT, 0], filename_prefix=f"{o.output_name}_report"),
+    }
+
+
+def _test(o: TrainingOptions, src: dict) -> dict:
+    """The test prompt, its negative and latent, and the strength sweep."""
+    nodes = {POS: node("CLIPTextEncode", text=o.test_prompt, clip=src["clip"])}
+    if o.family == "flux":
+        nodes[GUIDANCE] = node("FluxGuidance", conditioning=[POS, 0], guidance=o.test_guidance)
+        nodes[NEG] = node("ConditioningZeroOut", conditioning=[POS, 0])  # ignored at cfg 1.0
+        nodes[LATENT] = node("EmptySD3LatentImage", width=o.test_size, height=o.test_size)
+        positive = [GUIDANCE, 0]
+    else:
+        nodes[NEG] = node("CLIPTextEncode", text=NEGATIVE_PROMPT, clip=src["clip"])
+        nodes[LATENT] = node("EmptyLatentImage", width=o.test_size, height=o.test_size)
+        positive = [POS, 0]
+    nodes[SWEEP] = node("LoRALabStrengthSweep", model=src["model"], lora=[TRAIN, 1], positive=positive,
+                        negative=[NEG, 0], vae=src["vae"], latent=[LATENT, 0], strengths=o.strengths, seed=o.seed,
+                        steps=o.test_steps, cfg=o.test_cfg, scheduler=o.test_scheduler)
+    nodes[SWEEP_SAVE] = node("SaveImage", images=[SWEEP, 0], filename_prefix=f"{o.output_name}_sweep")
+    return nodes
 
 
 def training_prompt(o: TrainingOptions) -> dict:
     """API-format prompt: train, save the LoRA, render the report, and sweep strengths."""
-    prompt = {
-        CKPT: {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": o.checkpoint}},
-        DATASET: {"class_type": "LoRALabDataset", "inputs": {
-            "folder": o.dataset, "vae": [CKPT, 2], "clip": [CKPT, 1], "resolution": o.resolution,
-            "bucket": True, "repeats": o.repeats, "trigger_word": o.trigger_word}},
-        NETWORK: {"class_type": "LoRALabNetwork", "inputs": {
-            "rank": o.rank, "alpha": o.alpha, "targets": "attn_mlp", "conv_rank": 0, "conv_alpha": 1.0, "dropout": 0.0}},
-        OPTIMIZER: {"class_type": "LoRALabOptimizer", "inputs": {
-            "optimizer": o.optimizer, "unet_lr": o.unet_lr, "text_encoder_lr": 5e-5, "weight_decay": 0.01,
-            "scheduler": o.scheduler, "warmup_ratio": o.warmup_ratio, "warmup_steps": 0, "min_lr_ratio": 0.0,
-            "cycles": 1, "power": 1.0}},
-        PRECISION: {"class_type": "LoRALabPrecision", "inputs": {
-            "mixed_precision": o.mixed_precision, "fp8_base": False, "gradient_checkpointing": o.gradient_checkpointing,
-            "save_dtype": o.save_dtype, "max_grad_norm": 1.0}},
-        TRAIN: {"class_type": "LoRALabTrain", "inputs": {
-            "model": [CKPT, 0], "dataset": [DATASET, 0], "network": [NETWORK, 0], "optimizer": [OPTIMIZER, 0],
-            "precision": [PRECISION, 0], "steps": o.steps, "batch_size": o.batch_size, "gradient_accumulation": 1,
-            "seed": o.seed, "mode": "continue", "output_name": o.output_name, "min_snr_gamma": o.min_snr_gamma,
-            "validation_split": o.validation_split}},
-        SAVE: {"class_type": "LoRALabSaveLoRA", "inputs": {"lora": [TRAIN, 1], "filename": o.output_name, "overwrite": False}},
-        REPORT: {"class_type": "LoRALabTrainingReport", "inputs": {"history": [TRAIN, 2], "width": 1024, "height": 640}},
-        REPORT_SAVE: {"class_type": "SaveImage", "inputs": {"images": [REPORT, 0], "filename_prefix": f"{o.output_name}_report"}},
-        POS: {"class_type": "CLIPTextEncode", "inputs": {"text": o.test_prompt, "clip": [CKPT, 1]}},
-        NEG: {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": [CKPT, 1]}},
-        LATENT: {"class_type": "EmptyLatentImage", "inputs": {"width": o.test_size, "height": o.test_size, "batch_size": 1}},
-        SWEEP: {"class_type": "LoRALabStrengthSweep", "inputs": {
-            "model": [CKPT, 0], "lora": [TRAIN, 1], "positive": [POS, 0], "negative": [NEG, 0], "vae": [CKPT, 2],
-            "latent": [LATENT, 0], "strengths": o.strengths, "seed": o.seed, "steps": o.test_steps, "cfg": o.test_cfg,
-            "sampler_name": "euler", "scheduler": "normal"}},
-        SWEEP_SAVE: {"class_type": "SaveImage", "inputs": {"images": [SWEEP, 0], "filename_prefix": f"{o.output_name}_sweep"}},
-    }
+    loaders, src = _loaders(o)
+    prompt = {**loaders, **_training(o, src), **_test(o, src)}
     if o.preview_every:
         # The same prompt, seed and sampler as the sweep: the last preview is the sweep's 1.0 cell.
         sweep = prompt[SWEEP]["inputs"]
-        prompt[PREVIEW] = {"class_type": "LoRALabPreview", "inputs": {
-            "positive": [POS, 0], "negative": [NEG, 0], "vae": [CKPT, 2], "latent": [LATENT, 0], "seed": o.seed,
-            "steps": o.test_steps, "cfg": o.test_cfg, "sampler_name": sweep["sampler_name"], "scheduler": sweep["scheduler"]}}
+        prompt[PREVIEW] = node("LoRALabPreview", **{k: sweep[k] for k in (
+            "positive", "negative", "vae", "latent", "seed", "steps", "cfg", "sampler_name", "scheduler")})
         prompt[TRAIN]["inputs"].update(preview=[PREVIEW, 0], preview_every=o.preview_every)
     return prompt
 

@@ -1,23 +1,27 @@
-"""example_workflows/train_sd15_lora.json against the node definitions of a real ComfyUI (GET /object_info).
+"""example_workflows/train_{sd15,sdxl,flux}_lora.json against the node definitions of a real ComfyUI
+(GET /object_info), each against the builder's API graph of that family.
 
-No training: the checks are about the file. Regenerate it with
-`COMFYUI_PATH=... python -m headless.ui_workflow example_workflows/train_sd15_lora.json`.
+No training: the checks are about the files (tests/comfyui/test_family_examples.py runs the SDXL and
+Flux graphs). Regenerate them with `COMFYUI_PATH=... python -m headless.ui_workflow example_workflows/`.
 """
 
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from headless.ui_workflow import EXAMPLE_OPTIONS, example_workflow  # noqa: E402
+from headless.ui_workflow import EXAMPLES, example_workflow, render_thumbnail  # noqa: E402
 from headless.workflow import training_prompt  # noqa: E402
 
-EXAMPLE = REPO / "example_workflows" / "train_sd15_lora.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
-REGENERATE = "regenerate it: COMFYUI_PATH=... python -m headless.ui_workflow example_workflows/train_sd15_lora.json"
+REGENERATE = "regenerate them: COMFYUI_PATH=... python -m headless.ui_workflow example_workflows/"
+# Combo inputs that name model files: the test server has other files, so their values are not in the list.
+MODEL_FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name"}
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +29,19 @@ def object_info(comfy_server):
     return comfy_server.object_info()
 
 
-@pytest.fixture(scope="module")
-def workflow():
-    return json.loads(EXAMPLE.read_text(encoding="utf-8"))
+@pytest.fixture(scope="module", params=list(EXAMPLES))
+def family(request):
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def prompt():
-    return training_prompt(EXAMPLE_OPTIONS)
+def workflow(family):
+    return json.loads((REPO / "example_workflows" / f"{EXAMPLES[family][0]}.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def prompt(family):
+    return training_prompt(EXAMPLES[family][1])
 
 
 def specs(info):
@@ -105,7 +114,61 @@ def test_links_match_the_builder_and_the_types(workflow, object_info, prompt):
         assert [(o["name"], o["type"]) for o in node["outputs"]] == list(zip(info["output_name"], info["output"]))
 
 
-def test_committed_file_is_what_the_generator_writes_now(workflow, object_info):
+def test_choice_values_are_offered_by_the_node(workflow, object_info):
+    # e.g. DualCLIPLoader type "flux", UNETLoader weight_dtype, the sweep's scheduler, Train's timestep_sampling
+    for node in workflow["nodes"]:
+        info = object_info[node["type"]]
+        choices = {name: info["input"].get("required", {}).get(name, info["input"].get("optional", {}).get(name))[0]
+                   for name, typ, _ in specs(info) if typ == "COMBO"}
+        for name, value in decode_widgets(node, info).items():
+            if name in choices and name not in MODEL_FILE_INPUTS:
+                assert value in choices[name], (node["id"], node["type"], name, value, choices[name])
+
+
+def widgets_by_type(workflow, object_info):
+    return {n["type"]: decode_widgets(n, object_info[n["type"]]) for n in workflow["nodes"]}
+
+
+def test_family_settings_are_in_the_file(family, workflow, object_info):
+    w = widgets_by_type(workflow, object_info)
+    assert w["LoRALabStrengthSweep"]["strengths"] == "0, 0.5, 1.0, 1.5, 1.8"
+    assert w["LoRALabTrain"]["preview_every"] > 0 and "LoRALabPreview" in w
+    if family == "sd15":
+        assert w["CheckpointLoaderSimple"]["ckpt_name"] == "v1-5-pruned-emaonly.safetensors"
+        assert w["LoRALabDataset"]["resolution"] == 512 and w["EmptyLatentImage"]["width"] == 512
+    elif family == "sdxl":
+        assert w["CheckpointLoaderSimple"]["ckpt_name"] == "sd_xl_base_1.0.safetensors"
+        assert w["LoRALabDataset"]["resolution"] == 1024
+        assert w["EmptyLatentImage"]["width"] == w["EmptyLatentImage"]["height"] == 1024
+        assert w["LoRALabPrecision"]["gradient_checkpointing"] is True
+    else:
+        assert w["UNETLoader"] == {"unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn"}
+        assert w["DualCLIPLoader"] == {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                       "type": "flux", "device": "default"}
+        assert w["VAELoader"]["vae_name"] == "ae.safetensors"
+        assert w["LoRALabPrecision"]["fp8_base"] is True and w["LoRALabPrecision"]["gradient_checkpointing"] is True
+        assert w["LoRALabPrecision"]["mixed_precision"] == "bf16"
+        assert w["LoRALabTrain"]["timestep_sampling"] == "flux_shift" and w["LoRALabTrain"]["guidance"] == 1.0
+        assert w["LoRALabTrain"]["min_snr_gamma"] == 0.0  # Flux refuses min-SNR
+        assert w["LoRALabStrengthSweep"]["cfg"] == 1.0 and w["LoRALabStrengthSweep"]["scheduler"] == "simple"
+        assert w["FluxGuidance"]["guidance"] == 3.5
+        assert w["EmptySD3LatentImage"]["width"] == w["EmptySD3LatentImage"]["height"] == 1024
+        nodes = {n["id"]: n for n in workflow["nodes"]}
+        fed = {(nodes[dst]["type"], nodes[dst]["inputs"][slot]["name"]): nodes[src]["type"]
+               for _, src, _, dst, slot, _ in workflow["links"]}
+        assert fed[("LoRALabStrengthSweep", "positive")] == fed[("LoRALabPreview", "positive")] == "FluxGuidance"
+        assert fed[("LoRALabDataset", "clip")] == "DualCLIPLoader" and fed[("LoRALabDataset", "vae")] == "VAELoader"
+
+
+def test_thumbnail_is_the_generators_diagram(family, tmp_path):
+    committed = Image.open(REPO / "example_workflows" / f"{EXAMPLES[family][0]}.jpg")
+    assert committed.format == "JPEG" and committed.size == (400, 300)
+    fresh = Image.open(render_thumbnail(tmp_path / "t.jpg", family=family))
+    diff = np.abs(np.asarray(committed.convert("RGB"), dtype=np.float32) - np.asarray(fresh.convert("RGB"), dtype=np.float32))
+    assert diff.mean() < 1.0, REGENERATE
+
+
+def test_committed_file_is_what_the_generator_writes_now(family, workflow, object_info):
     def strip(ui):
         ui = json.loads(json.dumps(ui))
         for n in ui["nodes"]:
@@ -115,4 +178,4 @@ def test_committed_file_is_what_the_generator_writes_now(workflow, object_info):
         ui["extra"].pop("ds", None)
         return ui
 
-    assert strip(example_workflow(object_info)) == strip(workflow), REGENERATE
+    assert strip(example_workflow(object_info, EXAMPLES[family][1])) == strip(workflow), REGENERATE
