@@ -27,7 +27,7 @@ HELP = {
                   "flux: the diffusion model (path) or a name in models/diffusion_models",
     "dataset": "folder of images with .txt captions (kohya 10_name sub-folders for repeats)",
     "family": "the base model: sd15, sdxl or flux (default sd15)",
-    "mixed_precision": "auto, bf16, fp16 or fp32 (default auto: bf16 on recent GPUs, fp16 on older ones, fp32 on CPU)",
+    "mixed_precision": "auto, bf16, fp16 or fp32 (default auto: bf16 on recent GPUs, fp16 on older ones, fp32 on CPU; flux: bf16)",
     "clip_l": "flux: CLIP-L file (path) or a name in models/text_encoders (default clip_l.safetensors)",
     "t5xxl": "flux: T5-XXL file (path) or a name in models/text_encoders (default t5xxl_fp16.safetensors)",
     "vae": "flux: VAE file (path) or a name in models/vae (default ae.safetensors)",

@@ -31,14 +31,15 @@ CLIP_LOADER, VAE_LOADER, GUIDANCE = "16", "17", "18"  # Flux: its separate text-
 FAMILIES = ("sd15", "sdxl", "flux")
 
 # What "None" means per family. SDXL and Flux train and sample at 1024 px; Flux is sampled as ComfyUI's
-# Flux-dev examples do (cfg 1.0, scheduler simple) and trained memory-economically (fp8 base weights).
+# Flux-dev examples do (cfg 1.0, scheduler simple) and trained memory-economically (fp8 base weights),
+# always in bf16: Flux's activations overflow fp16, so "auto" (fp16 on pre-Ampere GPUs) is not offered.
 FAMILY_DEFAULTS = {
     "sd15": {"resolution": 512, "test_size": 512, "test_steps": 20, "test_cfg": 7.0, "test_scheduler": "normal",
-             "save_dtype": "fp16", "fp8_base": False, "timestep_sampling": "uniform"},
+             "save_dtype": "fp16", "fp8_base": False, "timestep_sampling": "uniform", "mixed_precision": "auto"},
     "sdxl": {"resolution": 1024, "test_size": 1024, "test_steps": 25, "test_cfg": 7.0, "test_scheduler": "normal",
-             "save_dtype": "fp16", "fp8_base": False, "timestep_sampling": "uniform"},
+             "save_dtype": "fp16", "fp8_base": False, "timestep_sampling": "uniform", "mixed_precision": "auto"},
     "flux": {"resolution": 1024, "test_size": 1024, "test_steps": 20, "test_cfg": 1.0, "test_scheduler": "simple",
-             "save_dtype": "bf16", "fp8_base": True, "timestep_sampling": "flux_shift"},
+             "save_dtype": "bf16", "fp8_base": True, "timestep_sampling": "flux_shift", "mixed_precision": "bf16"},
 }
 
 # Inputs no option sets, per node class (merged under the inputs the builder sets).
@@ -75,7 +76,7 @@ class TrainingOptions:
     unet_lr: float = 1e-4
     scheduler: str = "cosine"
     warmup_ratio: float = 0.05
-    mixed_precision: str = "auto"  # bf16 on recent GPUs, fp16 on older ones, fp32 on CPU
+    mixed_precision: str | None = None
     fp8_base: bool | None = None
     gradient_checkpointing: bool = True
     save_dtype: str | None = None
