@@ -42,7 +42,8 @@ class ServerError(RuntimeError):
 
 
 class PromptRejected(Exception):
-    """POST /prompt answered 400: the prompt failed validation. Inspect .error / .node_errors."""
+    """POST /prompt refused the prompt (HTTP 400), or dropped some of its nodes (HTTP 200 with
+    node_errors): it failed validation. Inspect .error / .node_errors."""
 
     def __init__(self, status, body):
         self.status = status
@@ -328,6 +329,12 @@ class ComfyServer:
             raise PromptRejected(status, resp)
         if status != 200 or not isinstance(resp, dict) or "prompt_id" not in resp:
             raise ServerError(f"POST /prompt -> HTTP {status}: {str(resp)[:2000]}")
+        if resp.get("node_errors"):
+            # ComfyUI queues the outputs that passed validation and drops the others (HTTP 200):
+            # a graph whose Train node was dropped must not look like a successful run.
+            self.post_json("/queue", {"delete": [resp["prompt_id"]]})  # still pending: never runs
+            self.interrupt(resp["prompt_id"])  # already running: stopped
+            raise PromptRejected(status, resp)
         return resp["prompt_id"]
 
     def history(self, prompt_id=None):

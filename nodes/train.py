@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -16,11 +17,11 @@ import folder_paths
 
 from ..trainer import comfy_adapter
 from ..trainer.data import EncodedDataset, Example
-from ..trainer.io import build_metadata, save_lora
+from ..trainer.io import build_metadata, check_compatible, load_lora, save_lora
 from ..trainer.paths import next_free, safe_child_path
 from ..trainer.loop import Session, TrainConfig
 from ..trainer.network import LoRANetwork, NetworkConfig
-from ..trainer.errors import ConfigError
+from ..trainer.errors import ConfigError, LoRALabError
 from ..trainer.objective import LOSS_TYPES, TIMESTEP_SAMPLING, ObjectiveConfig, flux_resolution_shift, validate_for_prediction
 from ..trainer.optimizers import OptimizerConfig, check_available
 from ..trainer.report import chart_points
@@ -35,6 +36,7 @@ from .preview import PREVIEW, render_preview, save_temp_image, to_pil
 log = logging.getLogger("lora_lab")
 
 MODES = ["continue", "restart"]
+NO_START = "(none)"
 # "flux_shift" is "shift" with Flux's resolution-dependent value, computed from the dataset.
 TIMESTEP_CHOICES = list(TIMESTEP_SAMPLING) + ["flux_shift"]
 PROGRESS_EVENT = "lora_lab.progress"
@@ -57,6 +59,27 @@ def _fingerprint(model, dataset: EncodedDataset, **configs) -> dict[str, str]:
         text = json.dumps(c if isinstance(c, dict) else asdict(c), sort_keys=True, default=str)
         parts[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return parts
+
+
+def _start_file(name: str) -> Path | None:
+    """The saved LoRA a new session starts from (start_from_lora), or None."""
+    if not name or name == NO_START:
+        return None
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise ConfigError("start_from_lora", f"{name!r} is not in the loras folder any more; refresh the page and pick again, or choose {NO_START}.")
+    return Path(path)
+
+
+def _load_start(network: LoRANetwork, path: Path, family: str) -> None:
+    """Copies a saved LoRA's weights (and alphas) into a new network; refuses one of another
+    family, rank or target set with the reason, on the start_from_lora input."""
+    try:
+        weights, _ = load_lora(path)
+        check_compatible(weights, set(network.loras), family)
+        network.load_kohya(weights)
+    except LoRALabError as e:
+        raise ConfigError("start_from_lora", f"{path.name}: {e}") from None
 
 
 def _model_examples(denoiser, dataset: EncodedDataset) -> list[Example]:
@@ -135,6 +158,7 @@ class LoRALabTrain:
                 "guidance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Flux-dev only: the guidance value the model is conditioned on while training. 1.0 is the usual choice for LoRAs; sample with your normal guidance (e.g. 3.5) afterwards. Other models ignore it."}),
                 "validation_split": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.45, "step": 0.05, "tooltip": "Share of images held out to measure validation loss at fixed noise: the best sign of over-fitting. 0 = off."}),
                 "epochs": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "If > 0, train this many epochs (images x repeats / batch) instead of 'steps'."}),
+                "start_from_lora": ([NO_START] + folder_paths.get_filename_list("loras"), {"default": NO_START, "tooltip": "Start a new LoRA from a saved one's weights instead of from zero: pick up after ComfyUI restarted, or fine-tune an earlier LoRA. It must have been trained on this model family with the same rank and targets. The optimizer state, step count and schedule start fresh."}),
                 "clip": ("CLIP", {"tooltip": "Only when the Network trains the text encoder (train_text_encoder): the CLIP from your checkpoint loader, the one the Dataset node used."}),
                 "continue_from": (LORA, {"tooltip": "Chain Train nodes: continue the session that trained this LoRA (train 200, preview, train 200 more)."}),
                 "preview": (PREVIEW, {"tooltip": "From a LoRA Lab Preview node: what to sample while training."}),
@@ -157,7 +181,7 @@ class LoRALabTrain:
         return True
 
     @user_errors
-    def train(self, model, dataset, steps, batch_size, gradient_accumulation, seed, mode, output_name, network=None, optimizer=None, precision=None, loss_type="mse", min_snr_gamma=0.0, noise_offset=0.0, timestep_sampling="uniform", validation_split=0.0, epochs=0, continue_from=None, flow_shift=3.0, guidance=1.0, preview=None, preview_every=0, save_every=0, clip=None, unique_id=None):
+    def train(self, model, dataset, steps, batch_size, gradient_accumulation, seed, mode, output_name, network=None, optimizer=None, precision=None, loss_type="mse", min_snr_gamma=0.0, noise_offset=0.0, timestep_sampling="uniform", validation_split=0.0, epochs=0, continue_from=None, flow_shift=3.0, guidance=1.0, preview=None, preview_every=0, save_every=0, clip=None, start_from_lora=NO_START, unique_id=None):
         device = comfy.model_management.get_torch_device()
         network = network or NetworkConfig()
         opt_config, sched_config = optimizer or (OptimizerConfig(), ScheduleConfig(name="cosine", warmup_ratio=0.05))
@@ -178,6 +202,9 @@ class LoRALabTrain:
         )
         if network.train_text_encoder:
             fingerprint["text_encoder"] = module_fingerprint(clip.cond_stage_model)
+        start = _start_file(start_from_lora)
+        if start is not None:
+            fingerprint["start_from_lora"] = f"{start_from_lora}:{start.stat().st_size}:{start.stat().st_mtime_ns}"
         notes = [n for n in (warning, objective_note) if n]
         with torch.inference_mode(False):
             entry = STORE.get(key)
@@ -188,7 +215,7 @@ class LoRALabTrain:
                     changed = [k for k in fingerprint if entry.fingerprint.get(k) != fingerprint[k]]
                     notes.append(f"Started a new LoRA: the {', '.join(changed)} changed since the last run (set mode to 'continue' with the same inputs to keep training).")
                 STORE.release(key)
-                entry = Entry(self._new_session(model, dataset, network, opt_config, sched_config, precision, objective, train_config, guidance, clip), fingerprint, 0, time.time())
+                entry = Entry(self._new_session(model, dataset, network, opt_config, sched_config, precision, objective, train_config, guidance, clip, start), fingerprint, 0, time.time())
                 STORE.put(key, entry)
             session = entry.session
             text_encoder = session.denoiser.text_encoder
@@ -241,11 +268,13 @@ class LoRALabTrain:
         return denoiser, targets
 
     @classmethod
-    def _new_session(cls, model, dataset, network, opt_config, sched_config, precision, objective, train_config, guidance=1.0, clip=None) -> Session:
+    def _new_session(cls, model, dataset, network, opt_config, sched_config, precision, objective, train_config, guidance=1.0, clip=None, start=None) -> Session:
         denoiser, targets = cls._targets(model, network, guidance, clip)
         with torch.random.fork_rng(devices=[]):  # the LoRA's initial weights follow the seed too
             torch.manual_seed(train_config.seed)
             lora_network = LoRANetwork(targets, network)
+        if start is not None:
+            _load_start(lora_network, start, denoiser.family)
         examples = _model_examples(denoiser, dataset)
         return Session(denoiser, examples, lora_network, optimizer=opt_config, schedule=sched_config, precision=precision, objective=objective, train=train_config)
 

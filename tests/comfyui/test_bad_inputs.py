@@ -326,6 +326,13 @@ STOPPED = {
     "apply_corrupt_lora_file": (lambda s: apply_graph(lora_name="corrupt.safetensors"), [SAMPLE_OUT], APPLY, "lora_name",
                                 ["corrupt.safetensors", "not a readable safetensors file", "Pick another file"]),
     "apply_without_any_lora": (lambda s: apply_graph(), [SAMPLE_OUT], APPLY, "lora", ["connect a trained LoRA or pick a file in lora_name"]),
+    # A saved LoRA of another family, or of other targets/sizes, to start training from
+    "start_from_sdxl_lora": (lambda s: graph(TRAIN, "start_from_lora", "sdxl_keyed.safetensors"), [TRAIN], TRAIN, "start_from_lora",
+                             ["sdxl_keyed.safetensors", "does not fit the SD1.5 model", "Pick a LoRA trained for SD1.5"]),
+    "start_from_lora_of_other_targets": (lambda s: graph(TRAIN, "start_from_lora", "wrong_sizes.safetensors"), [TRAIN], TRAIN, "start_from_lora",
+                                         ["wrong_sizes.safetensors", "lacks", "Use the same network settings"]),
+    "start_from_corrupt_lora": (lambda s: graph(TRAIN, "start_from_lora", "corrupt.safetensors"), [TRAIN], TRAIN, "start_from_lora",
+                                ["corrupt.safetensors", "not a readable safetensors file"]),
 }
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -106,6 +107,22 @@ def test_strength_zero_is_base_and_1_5_moves_further_than_1_0(trained):
     assert np.array_equal(images[0.0], before)
     d1, d15 = np.abs(images[1.0] - before).mean(), np.abs(images[1.5] - before).mean()
     assert d15 > d1 > 0.5, (d1, d15)
+
+
+def test_start_from_saved_lora_begins_with_its_weights(trained):
+    """start_from_lora: a new session (e.g. after ComfyUI restarted) starts from the file's weights."""
+    srv, entry, _ = trained
+    source = Path(entry["outputs"][SAVE]["text"][0])
+    prompt = training_prompt(options(steps=1, unet_lr=1e-7, output_name="started", save_dtype="fp32"))
+    prompt[TRAIN]["inputs"].update(mode="restart", start_from_lora=source.name)
+    out = srv.run(prompt, timeout=900)
+    started = Path(out["outputs"][SAVE]["text"][0])
+    with safe_open(str(source), "pt") as a, safe_open(str(started), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        ups = [k for k in a.keys() if k.endswith(".lora_up.weight")]
+        assert max(float(a.get_tensor(k).abs().max()) for k in ups) > 1e-3  # a trained LoRA, not zeros
+        for k in a.keys():  # one step at lr 1e-7 moves each weight by ~1e-7: the file's weights, as saved
+            assert torch.allclose(a.get_tensor(k).float(), b.get_tensor(k).float(), atol=1e-6), k
 
 
 def test_original_model_unchanged_after_training(trained):
