@@ -81,18 +81,22 @@ def _place(src: Path, dest: Path):
             shutil.copy2(src, dest)
 
 
-@pytest.fixture(scope="session")
-def comfy_server(comfyui_path, tiny_checkpoint, tmp_path_factory):
-    base = tmp_path_factory.mktemp("comfy_base")
-    _place(tiny_checkpoint, base / "models" / "checkpoints" / TINY_CKPT_NAME)
-    make_dataset(base / "input" / DATASET_DIR_NAME, n=8, size=64, seed=0)
-    srv = ComfyServer(comfyui_path, base)
+def _serving(srv):
+    """Runs the server for the fixture's lifetime; its log path is printed when it stops."""
     srv.start()
     try:
         yield srv
     finally:
         srv.stop()
         sys.stderr.write(f"\n[comfyui] server log: {srv.log_path}\n")
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_path, tiny_checkpoint, tmp_path_factory):
+    base = tmp_path_factory.mktemp("comfy_base")
+    _place(tiny_checkpoint, base / "models" / "checkpoints" / TINY_CKPT_NAME)
+    make_dataset(base / "input" / DATASET_DIR_NAME, n=8, size=64, seed=0)
+    yield from _serving(ComfyServer(comfyui_path, base))
 
 
 
@@ -118,10 +122,4 @@ def family_server(comfyui_path, tmp_path_factory):
         Image.new("RGB", size, (200, 40, 40)).save(sized / f"{name}.png")
         (sized / f"{name}.txt").write_text("a photo of sks object")
     install_test_nodes(base / "custom_nodes")
-    srv = ComfyServer(comfyui_path, base)
-    srv.start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
-        sys.stderr.write(f"\n[comfyui] server log: {srv.log_path}\n")
+    yield from _serving(ComfyServer(comfyui_path, base))

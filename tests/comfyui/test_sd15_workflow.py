@@ -1,5 +1,6 @@
 """The example SD1.5 workflow, queued over HTTP against a real ComfyUI running on CPU."""
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -109,12 +110,21 @@ def test_strength_zero_is_base_and_1_5_moves_further_than_1_0(trained):
     assert d15 > d1 > 0.5, (d1, d15)
 
 
+def renumbered(prompt, old, new):
+    """The prompt with node `old` renamed `new`, links included (a separate node, its own session)."""
+    text = json.dumps(prompt).replace(f'["{old}", ', f'["{new}", ')
+    out = json.loads(text)
+    out[new] = out.pop(old)
+    return out
+
+
 def test_start_from_saved_lora_begins_with_its_weights(trained):
     """start_from_lora: a new session (e.g. after ComfyUI restarted) starts from the file's weights."""
     srv, entry, _ = trained
     source = Path(entry["outputs"][SAVE]["text"][0])
     prompt = training_prompt(options(steps=1, unet_lr=1e-7, output_name="started", save_dtype="fp32"))
     prompt[TRAIN]["inputs"].update(mode="restart", start_from_lora=source.name)
+    prompt = renumbered(prompt, TRAIN, "60")  # its own Train node: the module's session (node 6) is kept
     out = srv.run(prompt, timeout=900)
     started = Path(out["outputs"][SAVE]["text"][0])
     with safe_open(str(source), "pt") as a, safe_open(str(started), "pt") as b:
