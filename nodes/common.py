@@ -7,7 +7,7 @@ import hashlib
 
 import torch
 
-from ..trainer.errors import LoRALabError
+from ..trainer.errors import ConfigError, LoRALabError
 
 CATEGORY = "LoRA Lab"
 
@@ -41,6 +41,16 @@ def user_errors(fn):
         raise error
 
     return wrapper
+
+
+def loras_file(name: str, field: str) -> str:
+    """Full path of a file picked from ComfyUI's loras folder in the input `field`."""
+    import folder_paths
+
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise ConfigError(field, f"{name!r} is not in the loras folder any more; refresh the page and pick again.")
+    return path
 
 
 def validation_message(build, *inputs) -> bool | str:

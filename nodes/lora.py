@@ -16,7 +16,7 @@ from ..trainer import comfy_adapter
 from ..trainer.errors import ConfigError, LoRALabError
 from ..trainer.io import load_lora, save_lora
 from ..trainer.paths import next_free, safe_child_path
-from .common import CATEGORY, LORA, SAVE_DTYPES, LoRALabNodeError, user_errors, validation_message
+from .common import CATEGORY, LORA, SAVE_DTYPES, LoRALabNodeError, loras_file, user_errors, validation_message
 
 NO_FILE = "(use the lora input)"
 
@@ -52,9 +52,7 @@ def _weights(lora, lora_name) -> tuple[dict, dict, str]:
         return lora.weights, lora.metadata, "lora"
     if not lora_name or lora_name == NO_FILE:
         raise LoRALabNodeError("lora: connect a trained LoRA or pick a file in lora_name.")
-    path = folder_paths.get_full_path("loras", lora_name)
-    if path is None:
-        raise LoRALabNodeError(f"lora_name: {lora_name!r} is not in the loras folder any more; refresh the page and pick again.")
+    path = loras_file(lora_name, "lora_name")
     try:
         weights, metadata = load_lora(path)
     except LoRALabError as e:

@@ -30,7 +30,7 @@ from ..trainer.monitor import History
 from ..trainer.schedule import ScheduleConfig
 from ..trainer.schedule import preview as lr_preview
 from ..trainer.sessions import STORE, Entry, next_target, node_key
-from .common import CATEGORY, DATASET, HISTORY, LORA, NETWORK, OPTIMIZER, PRECISION, SAVE_DTYPES, LoRALabNodeError, TrainedLoRA, TrainingRecord, module_fingerprint, user_errors
+from .common import CATEGORY, DATASET, HISTORY, LORA, NETWORK, OPTIMIZER, PRECISION, SAVE_DTYPES, LoRALabNodeError, TrainedLoRA, TrainingRecord, loras_file, module_fingerprint, user_errors
 from .preview import PREVIEW, render_preview, save_temp_image, to_pil
 
 log = logging.getLogger("lora_lab")
@@ -65,10 +65,7 @@ def _start_file(name: str) -> Path | None:
     """The saved LoRA a new session starts from (start_from_lora), or None."""
     if not name or name == NO_START:
         return None
-    path = folder_paths.get_full_path("loras", name)
-    if path is None:
-        raise ConfigError("start_from_lora", f"{name!r} is not in the loras folder any more; refresh the page and pick again, or choose {NO_START}.")
-    return Path(path)
+    return Path(loras_file(name, "start_from_lora"))
 
 
 def _load_start(network: LoRANetwork, path: Path, family: str) -> None:

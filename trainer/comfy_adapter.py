@@ -20,7 +20,7 @@ MODEL output of the Train node, `apply_lora` patches a *clone*, like ComfyUI's L
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import torch
@@ -33,7 +33,7 @@ import comfy.sd
 import comfy.utils
 
 from .errors import ConfigError
-from .network import NetworkConfig, Target, find_targets
+from .network import NetworkConfig, Target, find_targets, is_text_encoder
 
 log = logging.getLogger("lora_lab")
 
@@ -155,17 +155,11 @@ class ComfyTextEncoder:
         tokens = self._tokens.get(caption)
         if tokens is None:
             tokens = self._tokens[caption] = self.clip.tokenize(caption)
-        if torch.is_grad_enabled():
-            with autograd_safe(self.clip.cond_stage_model, CLIP_CONTAINERS):
-                out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
-        else:
+        guard = autograd_safe(self.clip.cond_stage_model, CLIP_CONTAINERS) if torch.is_grad_enabled() else nullcontext()
+        with guard:
             out = self.clip.encode_from_tokens(tokens, return_pooled=True, return_dict=True)
         pooled = out.get("pooled_output")
         return out["cond"][0], pooled[0] if pooled is not None else None
-
-
-def is_text_encoder_key(name: str) -> bool:
-    return name.startswith("lora_te")
 
 
 def checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -477,9 +471,12 @@ def apply_lora(model, clip, weights: dict[str, torch.Tensor], strength_model: fl
 
     Without a CLIP the text-encoder part of the LoRA is left out (rather than reported by
     ComfyUI as "not loaded"); the CLIP comes back as given."""
-    if clip is None:
-        weights = {k: v for k, v in weights.items() if not is_text_encoder_key(k)}
-    return comfy.sd.load_lora_for_models(model, clip, weights, strength_model, strength_clip)
+    return comfy.sd.load_lora_for_models(model, clip, _applicable(weights, clip), strength_model, strength_clip)
+
+
+def _applicable(weights: dict[str, torch.Tensor], clip) -> dict[str, torch.Tensor]:
+    """The part of a LoRA that can be applied: without a CLIP, the UNet part only."""
+    return weights if clip is not None else {k: v for k, v in weights.items() if not is_text_encoder(k)}
 
 
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux"}
@@ -507,9 +504,7 @@ def lora_fit(model, clip, weights: dict[str, torch.Tensor]) -> tuple[int, int]:
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
         shapes.update((k, tuple(v.shape)) for k, v in clip.cond_stage_model.state_dict().items())
-    else:
-        weights = {k: v for k, v in weights.items() if not is_text_encoder_key(k)}
-    converted = comfy.lora_convert.convert_lora(weights)
+    converted = comfy.lora_convert.convert_lora(_applicable(weights, clip))
     try:
         patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
     except TypeError:  # a ComfyUI without the log_missing switch (it then only logs)

@@ -12,6 +12,7 @@ Public API:
     Target                 (kohya name, module, kind) — what to adapt; the model adapter builds these
     find_targets(root, prefix, containers, ...)  -> list[Target]
     kohya_name(prefix, path)                     -> "lora_unet_down_blocks_0_..."
+    is_text_encoder(name)                        -> True for lora_te* modules
     LoRAModule(base, rank, alpha, dropout)       one adapter
     LoRANetwork(targets, config)                 all adapters; `with network.applied(): ...`
         .param_groups() -> {"unet": [...], "text_encoder": [...]}
@@ -91,6 +92,11 @@ class Target:
     name: str
     module: nn.Module
     kind: str  # "linear", "conv" (1x1) or "conv3x3" (any other kernel size)
+
+
+def is_text_encoder(name: str) -> bool:
+    """A kohya module name of the text encoder (lora_te_, lora_te1_, lora_te2_ ...), not the UNet."""
+    return name.startswith("lora_te")
 
 
 def kohya_name(prefix: str, path: str) -> str:
@@ -224,7 +230,7 @@ class LoRANetwork(nn.Module):
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         groups: dict[str, list[nn.Parameter]] = {"unet": [], "text_encoder": []}
         for name, lora in self.loras.items():
-            groups["text_encoder" if name.startswith("lora_te") else "unet"].extend(lora.parameters())
+            groups["text_encoder" if is_text_encoder(name) else "unet"].extend(lora.parameters())
         return groups
 
     def to_kohya(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
