@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
+from pathlib import Path
 
 import torch
 
@@ -41,6 +43,28 @@ def user_errors(fn):
         raise error
 
     return wrapper
+
+
+def default_of(config_class) -> dict:
+    """The defaults of an engine config dataclass, by field: widgets read theirs from here, so a
+    default is written once, in the engine."""
+    return {f.name: f.default for f in dataclasses.fields(config_class) if f.default is not dataclasses.MISSING}
+
+
+def save_into_loras(name: str, weights: dict, metadata: dict, save_dtype: str, field: str, overwrite: bool = False) -> Path:
+    """Writes a LoRA as <loras folder>/<name>.safetensors (sub-folders allowed, never outside the
+    folder; an existing file gets _2, _3... unless `overwrite`). `field` names the input on error."""
+    import folder_paths
+
+    from ..trainer.io import save_lora
+    from ..trainer.paths import next_free, safe_child_path
+
+    path = safe_child_path(folder_paths.get_folder_paths("loras")[0], name, field=field)
+    if not overwrite:
+        path = next_free(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_lora(path, weights, dict(metadata, ss_output_name=path.stem), dtype=SAVE_DTYPES[save_dtype])
+    return path
 
 
 def loras_file(name: str, field: str) -> str:

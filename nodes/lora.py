@@ -14,9 +14,9 @@ import folder_paths
 
 from ..trainer import comfy_adapter
 from ..trainer.errors import ConfigError, LoRALabError
-from ..trainer.io import load_lora, save_lora
-from ..trainer.paths import next_free, safe_child_path
-from .common import CATEGORY, LORA, SAVE_DTYPES, LoRALabNodeError, loras_file, user_errors, validation_message
+from ..trainer.io import load_lora
+from ..trainer.paths import safe_child_path
+from .common import CATEGORY, LORA, LoRALabNodeError, loras_file, save_into_loras, user_errors, validation_message
 
 NO_FILE = "(use the lora input)"
 
@@ -194,12 +194,7 @@ class LoRALabSaveLoRA:
 
     @user_errors
     def save(self, lora, filename, overwrite):
-        path = safe_child_path(folder_paths.get_folder_paths("loras")[0], filename)
-        if not overwrite:
-            path = next_free(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        metadata = dict(lora.metadata, ss_output_name=path.stem)
-        save_lora(path, lora.weights, metadata, dtype=SAVE_DTYPES[lora.save_dtype])
+        path = save_into_loras(filename, lora.weights, lora.metadata, lora.save_dtype, field="filename", overwrite=overwrite)
         return {"ui": {"text": [str(path)]}, "result": (str(path),)}
 
 

@@ -4,9 +4,13 @@ POST /lora_lab/schedule_preview   (also reachable as /api/lora_lab/schedule_prev
     JSON body, every field optional (missing ones take the Optimizer node's defaults):
         {"scheduler": "cosine", "warmup_ratio": 0.05, "warmup_steps": 0, "min_lr_ratio": 0.0,
          "cycles": 1, "power": 1.0, "unet_lr": 1e-4, "steps": 1000, "points": 200}
-    200 -> {"points": [[step, lr], ...], "steps": T, "warmup_steps": W, "base_lr": unet_lr}
+        "train_node": "6"   (optional) the Train node the Optimizer is connected to
+    200 -> {"points": [[step, lr], ...], "steps": T, "warmup_steps": W, "base_lr": unet_lr, "continues_from": S}
            The curve is trainer.schedule.preview on the config the Optimizer node builds
-           (LoRALabOptimizer._configs), so the chart is exactly what trains.
+           (LoRALabOptimizer._configs), so the chart is exactly what trains. When `train_node` has
+           a session with these settings, queueing continues it: the curve is the session's own
+           (`Session.lr_plan`: the cycles it trained, then the new cycle of `steps`) and
+           "continues_from" is the step it will continue from (absent for a new run).
     200 -> {"error": "field: message", "field": "field"} when the settings are invalid (a 200, so
            a half-edited widget does not log a failed request in the browser console).
     400 -> {"error": ...} when the body is not a JSON object.
@@ -29,7 +33,7 @@ import math
 
 from ..trainer.errors import ConfigError
 from ..trainer.schedule import preview, warmup_steps_for
-from ..trainer.sessions import STORE, node_key
+from ..trainer.sessions import STORE, next_target, node_key
 from .config import LoRALabOptimizer
 
 SCHEDULE_PREVIEW_PATH = "/lora_lab/schedule_preview"
@@ -66,10 +70,16 @@ def schedule_preview(body: dict) -> dict:
     try:
         if isinstance(points, bool) or not isinstance(points, int) or not 2 <= points <= MAX_PREVIEW_POINTS:
             raise ConfigError("points", f"expected a whole number between 2 and {MAX_PREVIEW_POINTS}, got {points!r}.")
-        _, sched = LoRALabOptimizer._configs(**values)
+        opt, sched = LoRALabOptimizer._configs(**values)
         lr = values["unet_lr"]
         curve = preview(sched, lr, steps, points)
         warmup = warmup_steps_for(sched, steps)
+        entry = STORE.get(node_key(body["train_node"])) if body.get("train_node") not in (None, "") else None
+        spec = entry.session.spec if entry is not None else None
+        if spec is not None and spec.schedule == sched and spec.optimizer.unet_lr == opt.unet_lr:
+            until = next_target(entry, steps)
+            curve = entry.session.lr_plan(until, points)
+            return {"points": [[int(s), float(v)] for s, v in curve], "steps": until, "warmup_steps": int(warmup), "base_lr": float(lr), "continues_from": entry.session.step}
     except ConfigError as e:
         return {"error": str(e), "field": e.field}
     except (TypeError, ValueError) as e:  # a value of the wrong type that no check names

@@ -383,6 +383,44 @@ class ComfyDenoiser:
         with autograd_safe(self.model.diffusion_model):
             return self.model.apply_model(x, sigma, **kwargs)
 
+    @contextmanager
+    def training_context(self, precision) -> Iterator[None]:
+        """fp8 base weights and gradient checkpointing, for the duration of training only."""
+        dm = self.model.diffusion_model
+        with fp8_base(dm, precision.fp8_base), gradient_checkpointing(dm) if precision.gradient_checkpointing else nullcontext():
+            yield
+
+    def check_memory(self, session) -> str:
+        """Estimates the run's peak memory (once per session), logs it, and stops with the ways to
+        fit when it exceeds what is free on the device. Returns the line for the user's notes."""
+        if session.memory_estimate is None:
+            session.memory_estimate = estimate_memory(self, session.network, session.examples, session.optimizer_config.name, session.train.batch_size, session.precision)
+        estimate = session.memory_estimate
+        text = estimate.to_text()
+        log.info("LoRA Lab: %s", text)
+        # Already in memory: the loaded weights (and, training on CPU, the encoded dataset and fp8's copies).
+        resident = resident_bytes(self.model.diffusion_model) + estimate.parts.get("dataset", 0) + estimate.parts.get("fp8 originals", 0)
+        estimate.check_fits(free_memory_bytes(self.device), resident, str(self.device))
+        return text[0].upper() + text[1:] + "."
+
+    def same_model(self, model, clip=None) -> bool:
+        """Whether this denoiser trains on exactly these ComfyUI objects (not a reload of them)."""
+        te = self.text_encoder
+        return self.model is model.model and (te is None or te.clip.cond_stage_model is clip.cond_stage_model)
+
+
+def training_targets(model, network: NetworkConfig, guidance: float = 1.0, clip=None) -> tuple[ComfyDenoiser, list[Target]]:
+    """The denoiser over a clone of MODEL and the layers to adapt (the CLIP's too when the text
+    encoder trains)."""
+    if network.train_text_encoder and clip is None:
+        raise ConfigError("clip", "the Network trains the text encoder (train_text_encoder is on): connect the CLIP from your checkpoint loader to the Train node's clip input, or turn train_text_encoder off.")
+    text_encoder = ComfyTextEncoder(clip) if network.train_text_encoder else None
+    denoiser = ComfyDenoiser(model.clone(), guidance=guidance, text_encoder=text_encoder)
+    targets = unet_targets(denoiser.model, network)
+    if text_encoder is not None:
+        targets += text_encoder_targets(clip, denoiser.family, network)
+    return denoiser, targets
+
 
 @contextmanager
 def fp8_base(diffusion_model: torch.nn.Module, enabled: bool) -> Iterator[None]:
@@ -395,7 +433,7 @@ def fp8_base(diffusion_model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     if not enabled:
         yield
         return
-    from .precision import store_base_fp8
+    from .fp8 import store_base_fp8
 
     handle = store_base_fp8(diffusion_model.modules(), keep_original=True)
     try:
@@ -443,7 +481,7 @@ def estimate_memory(denoiser: "ComfyDenoiser", network, examples, optimizer: str
 
 def _fp8_original_bytes(diffusion_model: torch.nn.Module) -> int:
     """The exact copies fp8_base keeps in host memory (the same memory when training on CPU)."""
-    from .precision import FP8_DTYPE
+    from .fp8 import FP8_DTYPE
 
     itemsize = torch.empty((), dtype=getattr(diffusion_model, "dtype", None) or torch.float32).element_size()
     return sum(m.weight.numel() * itemsize for m in diffusion_model.modules() if hasattr(m, "weight_fp8_scale") and m.weight.dtype == FP8_DTYPE)

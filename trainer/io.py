@@ -16,8 +16,10 @@ Public API:
         leaves a half-written file at `path`, and a previous file there stays as it was.
     load_lora(path) -> (weights, metadata)
         Read and validate a kohya-format file; a missing alpha is filled with alpha = rank.
-    build_metadata(*, base_model, output_name, rank, alpha, ...) -> dict[str, str]
+    build_metadata(*, base_model, output_name, network, ...) -> dict[str, str]
         The ``ss_*`` and ``modelspec.*`` header keys other tools look for.
+    atomic_write(path, data) -> None
+        Any file, written the same way (resumable training states use it too).
     weights_hash(weights) -> str
         Deterministic sha256 of the tensors (names, dtypes, shapes, bytes).
     lora_modules(weights) -> dict[str, tuple[int, float]]
@@ -35,11 +37,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as _safetensors_bytes
+
+if TYPE_CHECKING:
+    from .network import NetworkConfig
 
 from .errors import ConfigError, LoRALabError
 
@@ -200,7 +205,7 @@ def save_lora(
 
     header = dict(metadata)
     header["sshs_model_hash"] = weights_hash(tensors)
-    _atomic_write(target, _safetensors_bytes(tensors, header))
+    atomic_write(target, _safetensors_bytes(tensors, header))
 
 
 def _write_all(fileobj, data: bytes) -> None:
@@ -248,7 +253,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _atomic_write(target: Path, data: bytes) -> None:
+def atomic_write(target: Path, data: bytes) -> None:
     folder = target.parent
     tmp = folder / f"{_temp_prefix(target)}{os.getpid()}"
     _remove_stale_temps(target)
@@ -413,10 +418,7 @@ def build_metadata(
     *,
     base_model: str,
     output_name: str,
-    rank: int,
-    alpha: float,
-    conv_rank: int = 0,
-    conv_alpha: float = 0,
+    network: "NetworkConfig",
     learning_rate: float,
     text_encoder_lr: float | None,
     steps: int,
@@ -447,23 +449,19 @@ def build_metadata(
         raise ConfigError("base_model", f"expected one of {', '.join(_BASE_MODELS)}, got {base_model!r}.")
     if not isinstance(output_name, str) or not output_name.strip():
         raise ConfigError("output_name", "must not be empty; give the LoRA a file name.")
-    if int(rank) < 1:
-        raise ConfigError("rank", f"must be at least 1, got {rank}.")
-    if int(conv_rank) < 0:
-        raise ConfigError("conv_rank", f"must be 0 (no conv layers) or more, got {conv_rank}.")
 
     version, architecture, implementation = _BASE_MODELS[base_model]
     network_args = {}
-    if conv_rank > 0:
+    if network.conv_rank > 0:
         # sd-scripts records network args as the strings given on its command line.
-        network_args = {"conv_dim": str(int(conv_rank)), "conv_alpha": str(float(conv_alpha))}
+        network_args = {"conv_dim": str(network.conv_rank), "conv_alpha": str(float(network.conv_alpha))}
 
     metadata = {
         "ss_base_model_version": version,
         "ss_output_name": output_name,
         "ss_network_module": "networks.lora",
-        "ss_network_dim": str(int(rank)),
-        "ss_network_alpha": str(float(alpha)),
+        "ss_network_dim": str(network.rank),
+        "ss_network_alpha": str(float(network.alpha)),
         "ss_network_args": json.dumps(network_args),
         "ss_learning_rate": str(float(learning_rate)),
         "ss_unet_lr": str(float(learning_rate)),

@@ -11,13 +11,22 @@ The model is reached through the `Denoiser` protocol (ComfyUI's adapter implemen
 a toy): it maps a uniform draw u to a noise level sigma, builds the noisy input, and returns the
 model's denoised estimate x0_hat.
 
+The learning-rate schedule runs in *cycles*: the first run of a session is one cycle of its
+length; running a finished session further (the user queues again for `steps` more) adds a new
+cycle over just those steps — a visible warm restart, warmup included — instead of stretching the
+old curve (which would jump back up mid-decay) or staying at its floor (which for cosine is 0 and
+would train nothing). A run that was interrupted finishes its own cycle first.
+
 Public API:
     TrainConfig                 steps/epochs, batch, accumulation, seed, validation, NaN guard
     Denoiser                    protocol the model adapter implements
     StepInfo                    what callbacks receive after every optimizer step
-    Session(denoiser, examples, network, optimizer=..., schedule=..., precision=..., objective=..., train=...)
+    Session(denoiser, examples, network, spec=TrainingSpec(...))
+        (or the parts as keywords: optimizer=..., schedule=..., precision=..., objective=..., train=...)
         .run(until_step=None, callback=None) -> History   (callback may raise to interrupt)
-        .step, .total_steps, .history, .diagnosis()
+        .step, .total_steps, .history, .diagnosis(), .spec, .started_at, .cycles
+        .lr_at(step) / .lr_plan(until) -> [(step, lr)]  the schedule as it trains, cycles included
+        .rebind(denoiser, targets)                      the same model, loaded again
         .state_dict() -> (tensors, meta)  /  .load_state_dict(tensors, meta)   resume, no pickle
 """
 
@@ -27,7 +36,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Protocol
 
 import torch
@@ -37,44 +46,12 @@ from .errors import ConfigError, LoRALabError, TrainingError
 from .monitor import Diagnosis, History, diagnose, fixed_validation_plan, split_validation
 from .memory import HOW_TO_FIT, is_out_of_memory
 from .network import LoRANetwork
-from .objective import ObjectiveConfig, add_noise_offset, per_sample_loss, sample_u, validate_for_prediction
-from .optimizers import OptimizerConfig, build_optimizer
-from .precision import PrecisionConfig, all_finite, autocast, make_loss_scaler, optimizer_step
-from .schedule import ScheduleConfig, lr_multiplier
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000  # optimizer steps; 0 = derive from epochs
-    epochs: int = 0  # used when steps == 0: epochs x (images x repeats / batch / accumulation)
-    batch_size: int = 1
-    gradient_accumulation: int = 1
-    seed: int = 42
-    validation_split: float = 0.0  # fraction of images held out for validation loss
-    validation_every: int = 0  # optimizer steps between validation passes; 0 = 10 passes per run
-    max_bad_steps: int = 5  # consecutive non-finite steps before training stops
-    lr_backoff: float = 0.5  # LR factor applied after each non-finite step
-    snapshot_every: int = 20  # good steps between in-memory snapshots used to roll back after NaN
-
-    def __post_init__(self):
-        def whole(field, value, lo, hint):
-            if not isinstance(value, int) or isinstance(value, bool) or value < lo:
-                raise ConfigError(field, f"must be a whole number >= {lo}, got {value!r}; {hint}")
-
-        whole("steps", self.steps, 0, "set the number of optimizer steps, or 0 to train by epochs.")
-        whole("epochs", self.epochs, 0, "set epochs, or 0 to train by steps.")
-        if self.steps == 0 and self.epochs == 0:
-            raise ConfigError("steps", "steps and epochs are both 0: set one of them (e.g. steps 1000, or epochs 10).")
-        whole("batch_size", self.batch_size, 1, "1-4 is typical on consumer GPUs.")
-        whole("gradient_accumulation", self.gradient_accumulation, 1, "1 = update every batch.")
-        whole("seed", self.seed, 0, "any non-negative number.")
-        whole("validation_every", self.validation_every, 0, "0 = automatic.")
-        whole("max_bad_steps", self.max_bad_steps, 1, "5 is a sensible default.")
-        whole("snapshot_every", self.snapshot_every, 1, "20 is a sensible default.")
-        if not 0.0 <= self.validation_split < 0.5:
-            raise ConfigError("validation_split", f"must be in [0, 0.5), got {self.validation_split!r}; 0.1 holds out 10% of the images.")
-        if not 0.0 < self.lr_backoff <= 1.0:
-            raise ConfigError("lr_backoff", f"must be in (0, 1], got {self.lr_backoff!r}.")
+from .objective import add_noise_offset, per_sample_loss, sample_u, validate_for_prediction
+from .optimizers import build_optimizer
+from .optim_step import all_finite, make_loss_scaler, optimizer_step
+from .precision import autocast, for_device
+from .schedule import lr_multiplier, preview
+from .spec import TrainConfig, TrainingSpec  # noqa: F401  (TrainConfig is part of this module's API)
 
 
 class Denoiser(Protocol):
@@ -104,23 +81,24 @@ class StepInfo:
 class Session:
     """One LoRA training: model adapter, data, network, optimizer and all the state to resume."""
 
-    def __init__(
-        self,
-        denoiser: Denoiser,
-        examples: list[Example],
-        network: LoRANetwork,
-        optimizer: OptimizerConfig = OptimizerConfig(),
-        schedule: ScheduleConfig = ScheduleConfig(),
-        precision: PrecisionConfig = PrecisionConfig(),
-        objective: ObjectiveConfig = ObjectiveConfig(),
-        train: TrainConfig = TrainConfig(),
-    ):
+    def __init__(self, denoiser: Denoiser, examples: list[Example], network: LoRANetwork, spec: TrainingSpec | None = None, **parts):
+        if spec is None:
+            # The network's own config is the spec's: one source for rank/alpha/targets.
+            spec = TrainingSpec(network=network.config, **parts)
+        elif parts:
+            raise TypeError("give either spec or its parts, not both")
         if not examples:
             raise ConfigError("dataset", "the dataset is empty: add images (with .txt captions) to the folder.")
-        validate_for_prediction(objective, denoiser.prediction)
+        validate_for_prediction(spec.objective, denoiser.prediction)
+        # "auto" precision becomes concrete for the device the session trains on.
+        spec = replace(spec, precision=for_device(spec.precision, denoiser.device))
+        self.spec = spec
         self.denoiser, self.network = denoiser, network
-        self.optimizer_config, self.schedule, self.precision = optimizer, schedule, precision
-        self.objective, self.train = objective, train
+        self.optimizer_config, self.schedule, self.precision = spec.optimizer, spec.schedule, spec.precision
+        self.objective, self.train = spec.objective, spec.train
+        train = spec.train
+        self.started_at = time.time()  # wall-clock start, for the file's metadata
+        self.memory_estimate = None  # the recipe's estimate of this run's peak memory, made once
         train_idx, val_idx = (
             split_validation(len(examples), train.validation_split, train.seed)
             if train.validation_split > 0
@@ -139,15 +117,22 @@ class Session:
         self.batches_per_epoch = batches_per_epoch(self.examples, train.batch_size)
         network.to(denoiser.device)
         self.params = [p for p in network.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(optimizer, network.param_groups(), denoiser.device)
+        self.optimizer = build_optimizer(spec.optimizer, network.param_groups(), denoiser.device)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.scaler = make_loss_scaler(precision)  # None unless fp16
+        self.scaler = make_loss_scaler(spec.precision)  # None unless fp16
         self.history = History()
         self.step = 0
         self.lr_scale = 1.0
         self.bad_streak = 0
+        self.cycles: list[tuple[int, int]] = [(0, self.total_steps)]  # [start, end) of each schedule cycle
         self._snapshot = self._take_snapshot()
         self._epoch_cache: tuple[int, list[list[int]]] | None = None
+
+    def rebind(self, denoiser: Denoiser, targets) -> None:
+        """Train on `denoiser` from now on: the same model, loaded again (the caller checked that
+        its weights are the ones this session trained on)."""
+        self.network.rebind(targets)
+        self.denoiser = denoiser
 
     # ---- sizes -------------------------------------------------------------------------------------
     @property
@@ -169,13 +154,14 @@ class Session:
         that raises (ComfyUI's Cancel) leaves a session that continues exactly where it stopped.
         """
         until = self.total_steps if until_step is None else until_step
-        total = max(until, self.total_steps)
+        self._extend_cycles(until)
+        total = max(until, self.cycles[-1][1])
         validate_every = self.train.validation_every or max(1, total // 10)
         started, started_step = time.perf_counter(), self.step
         if self.val_examples and not self.history.val_step:
             self.history.record_validation(self.step, self.validation_loss())
         while self.step < until:
-            loss, result = self._step_or_out_of_memory(total)
+            loss, result = self._step_or_out_of_memory()
             elapsed = time.perf_counter() - started
             per_step = elapsed / (self.step - started_step)
             if self.val_examples and (self.step % validate_every == 0 or self.step == until):
@@ -186,7 +172,7 @@ class Session:
                         step=self.step,
                         total_steps=total,
                         loss=loss,
-                        lr=self.history.lr[-1] if self.history.lr else self._lr(total, self.step - 1)[0],
+                        lr=self.history.lr[-1] if self.history.lr else self._lr(self.step - 1)[0],
                         skipped=result.skipped,
                         grad_norm=result.grad_norm,
                         seconds_per_step=per_step,
@@ -196,12 +182,12 @@ class Session:
                 )
         return self.history
 
-    def _step_or_out_of_memory(self, total: int):
+    def _step_or_out_of_memory(self):
         """`_train_step`, with running out of memory turned into a TrainingError that says how to
         fit. Nothing of the failed step is kept (its gradients are dropped; weights, optimizer and
         step are as before it, like after a Cancel), so queueing again retries that step."""
         try:
-            return self._train_step(total)
+            return self._train_step()
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -214,8 +200,38 @@ class Session:
             f"(changing settings starts a new LoRA). To fit: {HOW_TO_FIT}"
         )
 
-    def _lr(self, total: int, step: int) -> list[float]:
-        m = lr_multiplier(self.schedule, min(step, total - 1), total) * self.lr_scale
+    # ---- the schedule, in cycles ------------------------------------------------------------------
+    def _extend_cycles(self, until: int) -> None:
+        """Training past the last cycle's end starts a new cycle there (see the module docstring)."""
+        end = self.cycles[-1][1]
+        if until > end:
+            self.cycles.append((end, until))
+
+    def _cycle_of(self, step: int) -> tuple[int, int]:
+        for start, end in self.cycles:
+            if step < end:
+                return start, end
+        return self.cycles[-1]
+
+    def lr_at(self, step: int) -> float:
+        """The unet lr of 0-based optimizer step `step` as the schedule gives it (before NaN backoff)."""
+        start, end = self._cycle_of(step)
+        return self.base_lrs[0] * lr_multiplier(self.schedule, min(step, end - 1) - start, end - start)
+
+    def lr_plan(self, until: int | None = None, points: int = 200) -> list[tuple[int, float]]:
+        """(0-based step, unet lr) for a chart of the schedule up to `until`: the cycles trained
+        so far plus the one a run to `until` would add — exactly what `run(until)` follows."""
+        cycles = list(self.cycles)
+        if until is not None and until > cycles[-1][1]:
+            cycles.append((cycles[-1][1], until))
+        plan = []
+        for start, end in cycles:
+            plan += [(start + s, lr) for s, lr in preview(self.schedule, self.base_lrs[0], end - start, points)]
+        return plan
+
+    def _lr(self, step: int) -> list[float]:
+        start, end = self._cycle_of(step)
+        m = lr_multiplier(self.schedule, min(step, end - 1) - start, end - start) * self.lr_scale
         return [base * m for base in self.base_lrs]
 
     def _batch(self, micro: int) -> list[int]:
@@ -244,9 +260,9 @@ class Session:
                 x0_hat = self.denoiser.denoise(x, sigma, conds)
         return per_sample_loss(x0_hat.float(), x0, sigma, self.denoiser.prediction, self.objective)
 
-    def _train_step(self, total: int):
+    def _train_step(self):
         accum, step = self.train.gradient_accumulation, self.step
-        for group, lr in zip(self.optimizer.param_groups, self._lr(total, step)):
+        for group, lr in zip(self.optimizer.param_groups, self._lr(step)):
             group["lr"] = lr
         losses, finite = [], True
         for k in range(accum):
@@ -330,41 +346,46 @@ class Session:
         self.optimizer.load_state_dict(copy.deepcopy(snap["optimizer"]))
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Everything needed to resume, as safetensors-ready tensors + string metadata (no pickle)."""
+        """Everything needed to resume, as safetensors-ready tensors + string metadata (no pickle).
+
+        Randomness needs no saved generator state: every draw is derived from (seed, step)."""
         tensors: dict[str, torch.Tensor] = {}
         for k, v in self.network.state_dict().items():
             tensors[f"network/{k}"] = v.detach().to("cpu").contiguous()
         opt_tree = _flatten(self.optimizer.state_dict(), "optimizer", tensors)
         meta = {
             "step": self.step,
+            "cycles": self.cycles,
+            "started_at": self.started_at,
             "lr_scale": self.lr_scale,
             "bad_streak": self.bad_streak,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "history": self.history.to_dict(),
             "optimizer": opt_tree,
-            "config": {
-                "optimizer": asdict(self.optimizer_config),
-                "train": asdict(self.train),
-                "objective": asdict(self.objective),
-            },
+            "spec": self.spec.to_json(),
         }
         return tensors, {"lora_lab_state": json.dumps(meta)}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        """Continues from `state_dict()`'s output. The state must come from a session with the
+        same spec (the run's length aside); anything else is refused, naming what differs."""
         try:
             meta = json.loads(metadata["lora_lab_state"])
+            saved = TrainingSpec.from_json(meta["spec"])
         except (KeyError, json.JSONDecodeError) as e:
             raise LoRALabError(f"this file is not a LoRA Lab training state ({e}); start a new training instead.") from e
-        saved = meta["config"]["optimizer"]["name"]
-        if saved != self.optimizer_config.name:
+        changed = [part for part, h in self.spec.parts().items() if saved.parts().get(part) != h]
+        if changed:
             raise LoRALabError(
-                f"the saved state was trained with optimizer {saved}, this session uses {self.optimizer_config.name}; "
-                "pick the same optimizer to continue, or restart the training."
+                f"the saved state was trained with other {', '.join(changed)} settings; "
+                "set them as they were to continue, or start a new training."
             )
         net = {k[len("network/"):]: v for k, v in tensors.items() if k.startswith("network/")}
         self.network.load_state_dict(net)
         self.optimizer.load_state_dict(_unflatten(meta["optimizer"], tensors))
         self.step = int(meta["step"])
+        self.cycles = [(int(a), int(b)) for a, b in meta["cycles"]]
+        self.started_at = float(meta["started_at"])
         self.lr_scale = float(meta["lr_scale"])
         self.bad_streak = int(meta["bad_streak"])
         if self.scaler and meta["scaler"]:

@@ -54,6 +54,7 @@ TARGET_PRESETS = {
 }
 
 KINDS = ("linear", "conv", "conv3x3")
+RANK_RANGE = (1, 1024)  # rank and conv_rank (conv_rank may also be 0: 3x3 convs not trained)
 
 
 @dataclass(frozen=True)
@@ -67,12 +68,13 @@ class NetworkConfig:
     train_text_encoder: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.rank, int) or self.rank < 1 or self.rank > 1024:
-            raise ConfigError("rank", f"must be a whole number from 1 to 1024, got {self.rank!r}; 4-32 is typical (16 is a good start).")
+        lo, hi = RANK_RANGE
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or not lo <= self.rank <= hi:
+            raise ConfigError("rank", f"must be a whole number from {lo} to {hi}, got {self.rank!r}; 4-32 is typical ({NetworkConfig.rank} is a good start).")
         if not math.isfinite(self.alpha) or self.alpha <= 0:
             raise ConfigError("alpha", f"must be > 0, got {self.alpha!r}; strength scale is alpha/rank, so alpha = rank gives 1.0 and alpha = rank/2 gives 0.5.")
-        if not isinstance(self.conv_rank, int) or self.conv_rank < 0 or self.conv_rank > 1024:
-            raise ConfigError("conv_rank", f"must be 0 (3x3 convs not trained) or 1 to 1024, got {self.conv_rank!r}.")
+        if not isinstance(self.conv_rank, int) or isinstance(self.conv_rank, bool) or not (self.conv_rank == 0 or lo <= self.conv_rank <= hi):
+            raise ConfigError("conv_rank", f"must be 0 (3x3 convs not trained) or {lo} to {hi}, got {self.conv_rank!r}.")
         if self.conv_rank and (not math.isfinite(self.conv_alpha) or self.conv_alpha <= 0):
             raise ConfigError("conv_alpha", f"must be > 0 when conv_rank is set, got {self.conv_alpha!r}.")
         if not 0.0 <= self.dropout < 1.0:

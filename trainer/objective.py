@@ -38,8 +38,6 @@ Public API
     The extra per-sample weight on top of the native loss (min-SNR-gamma, debiased estimation).
 ``per_sample_loss(x0_hat, x0, sigma, prediction, config, weights_extra=None) -> Tensor [B]``
     Weighted loss per sample (validation uses this).
-``compute_loss(x0_hat, x0, sigma, prediction, config, weights_extra=None) -> Tensor``
-    The scalar training loss: the mean of ``per_sample_loss``.
 ``sample_u(config, batch, generator, device) -> Tensor [B]``
     The training draw of the noise fraction ``u`` in (0, 1): 0 is clean, 1 is pure noise. How ``u``
     becomes a sigma is the model adapter's business (an SD model picks one of its 1000 discrete
@@ -260,9 +258,9 @@ def loss_weights(sigma: torch.Tensor, prediction: str, config: ObjectiveConfig) 
 
     min-SNR-gamma: eps ``min(SNR, g) / SNR``, v ``min(SNR, g) / (SNR + 1)``; both turn the native loss
     into ``min(SNR, g) * |e|^2`` in x0 terms. Debiased estimation: eps ``1 / sqrt(min(SNR, 1000))``,
-    v ``1 / (min(SNR, 1000) + 1)``. Both together multiply.
+    v ``1 / (min(SNR, 1000) + 1)``. Both together multiply. The settings were checked against the
+    prediction type once, by ``validate_for_prediction`` when the session was built.
     """
-    validate_for_prediction(config, prediction)
     w = torch.ones_like(sigma)
     if config.min_snr_gamma == 0 and not config.debiased_estimation:
         return w
@@ -311,18 +309,6 @@ def per_sample_loss(
             )
         loss = loss * weights_extra
     return loss
-
-
-def compute_loss(
-    x0_hat: torch.Tensor,
-    x0: torch.Tensor,
-    sigma: torch.Tensor,
-    prediction: str,
-    config: ObjectiveConfig,
-    weights_extra: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """The scalar training loss: the batch mean of ``per_sample_loss``."""
-    return per_sample_loss(x0_hat, x0, sigma, prediction, config, weights_extra).mean()
 
 
 def apply_shift(t: torch.Tensor, shift: float) -> torch.Tensor:

@@ -4,16 +4,14 @@ Public API
 ----------
 SCHEDULES
     The schedule names a user can pick.
-ScheduleConfig(name="cosine", warmup_steps=0, warmup_ratio=0.0, min_lr_ratio=0.0, cycles=1, power=1.0)
-    Frozen, validated on construction (raises ConfigError naming the field).
+ScheduleConfig(name="cosine", warmup_steps=0, warmup_ratio=0.05, min_lr_ratio=0.0, cycles=1, power=1.0)
+    Frozen, validated on construction (raises ConfigError naming the field). These defaults are
+    the Optimizer node's widget defaults (the node reads them from here).
 warmup_steps_for(config, total_steps) -> int
     Warmup length in optimizer steps (`warmup_ratio` resolved as round(ratio * total_steps)).
 lr_multiplier(config, step, total_steps) -> float
     Factor applied to each param group's base lr for 0-based optimizer step `step`, i.e. the lr used
     by update number step + 1.
-build_scheduler(optimizer, config, total_steps) -> torch.optim.lr_scheduler.LambdaLR
-    A scheduler driven by `lr_multiplier`; each param group keeps its own base lr. Resumable with
-    state_dict()/load_state_dict() (save and restore the optimizer alongside it).
 preview(config, base_lr, total_steps, points=200) -> list[tuple[int, float]]
     (step, lr) pairs for a chart, computed with `lr_multiplier` so the chart is exactly what trains.
 
@@ -32,7 +30,10 @@ After warmup, s >= W: p = min(1, (s - W) / (T - W)) is the progress through the 
         polynomial                       f = (1 - p) ** power
     p reaches 1 at s = T, one step after the last update (s = T - 1), so the last update is not
     spent at the floor either. Steps past T stay at the floor.
-'constant' has no warmup at all; asking for warmup with it is an error rather than silently ignored.
+Warmup is given one way: warmup_steps > 0 takes precedence over warmup_ratio (so the ratio's
+default never clashes with a step count the user typed). 'constant' has no warmup at all: its
+warmup fields are set to 0 on construction, which the LR preview shows. These two rules live here
+only; callers pass the user's values through unchanged.
 T counts optimizer updates: with gradient accumulation pass the number of updates, not micro-batches.
 """
 
@@ -41,8 +42,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from numbers import Integral, Real
-
-import torch
 
 from .errors import ConfigError
 
@@ -74,7 +73,7 @@ class ScheduleConfig:
 
     name: str = "cosine"
     warmup_steps: int = 0
-    warmup_ratio: float = 0.0
+    warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.0
     cycles: int = 1
     power: float = 1.0
@@ -96,18 +95,11 @@ class ScheduleConfig:
                 f"expected a fraction of the total steps between 0 and {_MAX_WARMUP_RATIO}, got "
                 f"{self.warmup_ratio!r}; typical values are 0.02-0.1, use 0 for no warmup.",
             )
-        if self.warmup_steps > 0 and self.warmup_ratio > 0:
-            raise ConfigError(
-                "warmup_steps",
-                f"both warmup_steps ({self.warmup_steps}) and warmup_ratio ({self.warmup_ratio}) are set; "
-                "give the warmup one way only and set the other to 0.",
-            )
-        if self.name == "constant" and (self.warmup_steps > 0 or self.warmup_ratio > 0):
-            raise ConfigError(
-                "warmup_steps",
-                "the 'constant' schedule has no warmup; choose 'constant_with_warmup' to keep the warmup, "
-                "or set warmup_steps and warmup_ratio to 0.",
-            )
+        if self.name == "constant":  # no warmup at all (see the module docstring)
+            object.__setattr__(self, "warmup_steps", 0)
+            object.__setattr__(self, "warmup_ratio", 0.0)
+        elif self.warmup_steps > 0:  # a step count wins over the ratio
+            object.__setattr__(self, "warmup_ratio", 0.0)
         if not _is_number(self.min_lr_ratio) or not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(
                 "min_lr_ratio",
@@ -185,23 +177,6 @@ def lr_multiplier(config: ScheduleConfig, step: int, total_steps: int) -> float:
     if not _is_int(step) or step < 0:
         raise ValueError(f"step must be a whole number >= 0, got {step!r}")
     return _multiplier(config, step, total_steps, warmup_steps_for(config, total_steps))
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: ScheduleConfig, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR applying `lr_multiplier` to each param group's own base lr.
-
-    Call scheduler.step() after each optimizer.step(). The multiplier is a plain closure, which
-    LambdaLR leaves out of its state_dict; the step counter and base lrs are saved, so rebuilding
-    with the same config and loading the state resumes the exact same curve.
-    """
-    warmup = warmup_steps_for(config, total_steps)  # validates once, up front
-
-    def multiplier(step: int) -> float:
-        return _multiplier(config, step, total_steps, warmup)
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
 def _corner_steps(config: ScheduleConfig, total_steps: int, warmup: int) -> set[int]:

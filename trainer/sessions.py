@@ -8,9 +8,10 @@ owner; nothing else keeps sessions.
 A session is reused only while its fingerprint (model, dataset, settings) is unchanged; anything
 else starts a new one, and the caller tells the user why.
 
-Sessions live in memory only: restarting ComfyUI loses them (saved LoRA files stay). A session is
-released, and its memory freed, when its Train node restarts (mode "restart" or changed inputs),
-or when the node is deleted in the browser (the frontend calls POST /lora_lab/release).
+Sessions live in memory; restarting ComfyUI loses them, except what `trainer.resume` wrote (a
+resumable state next to each `save_every` LoRA). A session is released, and its memory freed, when
+its Train node restarts (mode "restart" or changed inputs), or when the node is deleted in the
+browser (the frontend calls POST /lora_lab/release).
 
 Public API:
     STORE                        the store: get / put / release / keys / describe / alive
@@ -33,7 +34,6 @@ class Entry:
     session: Session
     fingerprint: dict[str, str]  # part name -> hash of what the session was built from
     target_step: int  # where the last run was heading; a Cancel leaves step < target_step
-    started_at: float = 0.0  # wall-clock start of the session, for the file's metadata
 
 
 class SessionStore:
@@ -65,7 +65,7 @@ class SessionStore:
         """One line per stored session, for GET /lora_lab/sessions."""
         with self._lock:
             items = list(self._entries.items())
-        return [{"key": k, "step": e.session.step, "target_step": e.target_step, "started_at": e.started_at} for k, e in items]
+        return [{"key": k, "step": e.session.step, "target_step": e.target_step, "started_at": e.session.started_at} for k, e in items]
 
     def alive(self) -> int:
         """Sessions still in memory, stored or not, after a garbage collection. Equals len(keys())

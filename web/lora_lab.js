@@ -824,7 +824,8 @@ function connectedTrainSteps(node) {
       const epochs = target.widgets?.find((w) => w.name === "epochs");
       if (epochs && Number(epochs.value) > 0) continue; // length depends on the dataset: unknown here
       const v = Number(steps?.value);
-      if (Number.isInteger(v) && v >= 1) return v;
+      // The Train node's id too: when it holds a session, the server draws its continuation.
+      if (Number.isInteger(v) && v >= 1) return { steps: v, node: String(target.id) };
     }
   } catch (e) {
     return null;
@@ -847,7 +848,8 @@ function setupOptimizerNode(node) {
       if (w) body[name] = w.value;
     }
     const fromTrain = connectedTrainSteps(node);
-    body.steps = fromTrain || DEFAULT_PREVIEW_STEPS;
+    body.steps = fromTrain ? fromTrain.steps : DEFAULT_PREVIEW_STEPS;
+    if (fromTrain) body.train_node = fromTrain.node;
     body.points = 200;
     return { body, fromTrain: !!fromTrain };
   };
@@ -861,7 +863,7 @@ function setupOptimizerNode(node) {
       const res = await api.fetchApi(PREVIEW_ROUTE, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
       const data = await res.json().catch(() => ({ error: `preview: HTTP ${res.status}` }));
       if (mine !== seq) return; // a newer request is on its way
-      state.steps = body.steps;
+      state.steps = Number(data && data.steps) || body.steps;
       state.stepsFromTrain = fromTrain;
       if (data && Array.isArray(data.points)) {
         state.points = data.points;
@@ -923,6 +925,7 @@ function setupOptimizerNode(node) {
     refresh: check,
   };
   node._loraLabCheck = check;
+  node._loraLabRefresh = refresh;
   fitNode(node, 320);
   setTimeout(check, 0);
 }
@@ -1008,6 +1011,8 @@ app.registerExtension({
       });
       chain(nodeType.prototype, "onExecuted", function (output) {
         onTrainExecuted(this, output);
+        // Its session moved on: the connected Optimizer's preview now shows the continuation.
+        for (const n of this.graph?._nodes || []) n._loraLabRefresh?.();
       });
       chain(nodeType.prototype, "onConfigure", function () {
         restoreTrainChart(this);

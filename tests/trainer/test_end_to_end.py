@@ -35,7 +35,7 @@ def test_lora_learns_and_the_saved_file_round_trips(optimizer, tmp_path):
 
     path = tmp_path / "toy.safetensors"
     meta = build_metadata(
-        base_model="sd15", output_name="toy", rank=4, alpha=4.0, learning_rate=LR[optimizer], text_encoder_lr=None,
+        base_model="sd15", output_name="toy", network=net.config, learning_rate=LR[optimizer], text_encoder_lr=None,
         steps=session.step, epochs=None, started_at=time.time(), optimizer=optimizer, scheduler="cosine",
     )
     save_lora(path, net.to_kohya(), meta, dtype=torch.float32)

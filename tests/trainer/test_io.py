@@ -7,6 +7,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import trainer.io as lora_io
+from trainer.network import NetworkConfig
 from trainer.errors import ConfigError, LoRALabError
 from trainer.io import (
     build_metadata,
@@ -39,7 +40,7 @@ def make_weights(seed=0):
 
 def meta(**overrides):
     args = dict(
-        base_model="sd15", output_name="my_lora", rank=4, alpha=2.0, learning_rate=1e-4,
+        base_model="sd15", output_name="my_lora", network=NetworkConfig(rank=4, alpha=2.0), learning_rate=1e-4,
         text_encoder_lr=5e-5, steps=100, epochs=3, started_at=1_700_000_000.5,
         optimizer="AdamW", scheduler="cosine",
     )
@@ -205,7 +206,7 @@ def test_load_refuses_lone_half_and_foreign_keys(tmp_path):
 
 
 def test_metadata_has_required_keys_as_strings():
-    m = meta(conv_rank=8, conv_alpha=4)
+    m = meta(network=NetworkConfig(rank=4, alpha=2.0, conv_rank=8, conv_alpha=4))
     required = [
         "ss_base_model_version", "ss_output_name", "ss_network_dim", "ss_network_alpha",
         "ss_network_module", "ss_network_args", "ss_learning_rate", "ss_unet_lr",

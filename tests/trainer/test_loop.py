@@ -158,3 +158,62 @@ def test_bad_inputs_name_the_field():
     with pytest.raises(ConfigError) as e:
         TrainConfig(gradient_accumulation=0)
     assert e.value.field == "gradient_accumulation"
+
+
+def test_flow_model_refuses_min_snr_when_the_session_is_built():
+    from trainer.objective import ObjectiveConfig
+
+    d = ToyDenoiser(prediction="flow")
+    with pytest.raises(ConfigError) as e:
+        Session(d, make_examples(), make_network(d), objective=ObjectiveConfig(min_snr_gamma=5.0))
+    assert e.value.field == "min_snr_gamma"
+
+
+# --- continuing a finished run: a new schedule cycle ----------------------------------------------
+
+
+def test_continuing_a_finished_cosine_run_starts_a_new_cycle_over_the_new_steps():
+    cosine = ScheduleConfig(name="cosine", warmup_ratio=0.1)
+    s = make_session(steps=20, schedule=cosine)
+    s.run()
+    first = list(s.history.lr)
+    s.run(until_step=30)  # "queue again for 10 more"
+    assert s.cycles == [(0, 20), (20, 30)]
+    # The first 20 steps followed a 20-step cosine; the next 10 follow their own 10-step cosine
+    # (warm restart, warmup included), not the tail of a stretched 30-step curve.
+    assert first == pytest.approx([3e-3 * lr_multiplier(cosine, k, 20) for k in range(20)])
+    assert s.history.lr[20:] == pytest.approx([3e-3 * lr_multiplier(cosine, k, 10) for k in range(10)])
+    assert s.history.lr[19] < 0.05 * 3e-3 and s.history.lr[20] < s.history.lr[21]  # the restart is visible
+    # The plan the charts draw is exactly what trained.
+    plan = dict(s.lr_plan())
+    assert [plan[k] for k in range(30)] == pytest.approx(s.history.lr)
+
+
+def test_lr_plan_shows_the_cycle_a_run_would_add_before_it_runs():
+    cosine = ScheduleConfig(name="cosine", warmup_ratio=0.0)
+    s = make_session(steps=8, schedule=cosine)
+    s.run()
+    plan = dict(s.lr_plan(until=12))
+    assert plan[8] == pytest.approx(3e-3) and plan[11] == pytest.approx(3e-3 * lr_multiplier(cosine, 3, 4))
+    assert s.cycles == [(0, 8)]  # previewing changes nothing
+
+
+def test_interrupted_run_finishes_its_own_cycle_first():
+    s = make_session(steps=10, schedule=ScheduleConfig(name="linear", warmup_ratio=0.0))
+    s.run(until_step=4)
+    s.run()
+    assert s.cycles == [(0, 10)]
+    assert s.history.lr == pytest.approx([3e-3 * (1 - k / 10) for k in range(10)])
+
+
+def test_state_round_trip_keeps_cycles_and_refuses_other_settings():
+    s = make_session(steps=6)
+    s.run()
+    s.run(until_step=9)
+    tensors, meta = s.state_dict()
+    twin = make_session(steps=6)
+    twin.load_state_dict(tensors, meta)
+    assert twin.cycles == [(0, 6), (6, 9)] and twin.step == 9 and twin.started_at == s.started_at
+    other = make_session(steps=6, lr=1e-3)
+    with pytest.raises(Exception, match="optimizer"):
+        other.load_state_dict(tensors, meta)

@@ -52,7 +52,7 @@ def test_describe_lists_step_and_target():
     entry.session.run(until_step=2)
     entry.target_step = 3
     store.put("train:9", entry)
-    assert store.describe() == [{"key": "train:9", "step": 2, "target_step": 3, "started_at": 0.0}]
+    assert store.describe() == [{"key": "train:9", "step": 2, "target_step": 3, "started_at": entry.session.started_at}]
 
 
 def test_next_target_finishes_a_cancelled_run_first():
