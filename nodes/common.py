@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 
 import torch
 
@@ -89,21 +88,3 @@ class TrainingRecord:
         self.diagnosis = diagnosis
         self.lr_plan = lr_plan
         self.title = title
-
-
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """Cheap identity of a model's weights: parameter names and shapes, and two tensors' values.
-
-    Tells "the same checkpoint, loaded again" from "another model" without hashing gigabytes.
-    """
-    h = hashlib.sha256()
-    # SD1.5 files carry no CLIP text_projection: ComfyUI leaves that weight uninitialised, so its
-    # bytes differ from one load to the next (seen: NaN, then zeros). It never says which model it is.
-    params = [(n, p) for n, p in module.state_dict().items() if "text_projection" not in n]
-    for name, p in params:
-        h.update(f"{name}{tuple(p.shape)}".encode())
-    # ComfyUI may cast a loaded model (fp32 -> fp16 text encoder on CPU, fp8 weights): compare the
-    # values at fp16 precision and leave the storage dtype out, so a cast is not "another model".
-    for _, p in params[:1] + params[-1:]:
-        h.update(p.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]

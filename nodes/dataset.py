@@ -14,7 +14,8 @@ from ..trainer.cache import cache_key, load_entry, save_entry
 from ..trainer.data import EncodedDataset, Example
 from ..trainer.dataset import DatasetConfig, build_items, scan_folder
 from ..trainer.errors import ConfigError
-from .common import CATEGORY, DATASET, module_fingerprint, user_errors, validation_message
+from ..trainer.comfy_adapter import encoder_fingerprint
+from .common import CATEGORY, DATASET, user_errors, validation_message
 
 log = logging.getLogger("lora_lab")
 
@@ -151,7 +152,7 @@ class LoRALabDataset:
         entries = scan_folder(resolve_folder(folder), config.caption_extension)
         items, stats = build_items(entries, config)
         cache_dir = os.path.join(folder_paths.get_user_directory(), CACHE_DIR_NAME)
-        encoders = f"{module_fingerprint(vae.first_stage_model)}:{module_fingerprint(clip.cond_stage_model)}"
+        encoders = f"{encoder_fingerprint(vae, 'first_stage_model')}:{encoder_fingerprint(clip, 'cond_stage_model')}"
         text_cache: dict[str, tuple] = {}
         examples, hits = [], 0
         for entry, item in zip(entries, items):  # build_items keeps the entries' order, one item each

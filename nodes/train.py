@@ -30,7 +30,7 @@ from ..trainer.monitor import History
 from ..trainer.schedule import ScheduleConfig
 from ..trainer.schedule import preview as lr_preview
 from ..trainer.sessions import STORE, Entry, next_target, node_key
-from .common import CATEGORY, DATASET, HISTORY, LORA, NETWORK, OPTIMIZER, PRECISION, SAVE_DTYPES, LoRALabNodeError, TrainedLoRA, TrainingRecord, loras_file, module_fingerprint, user_errors
+from .common import CATEGORY, DATASET, HISTORY, LORA, NETWORK, OPTIMIZER, PRECISION, SAVE_DTYPES, LoRALabNodeError, TrainedLoRA, TrainingRecord, loras_file, user_errors
 from .preview import PREVIEW, render_preview, save_temp_image, to_pil
 
 log = logging.getLogger("lora_lab")
@@ -54,7 +54,7 @@ def _send(event: str, data: dict) -> None:
 
 def _fingerprint(model, dataset: EncodedDataset, **configs) -> dict[str, str]:
     """What a session was built from, part by part, so a restart can say which part changed."""
-    parts = {"model": module_fingerprint(model.model.diffusion_model), "dataset": dataset.fingerprint}
+    parts = {"model": comfy_adapter.patcher_fingerprint(model), "dataset": dataset.fingerprint}
     for name, c in configs.items():
         text = json.dumps(c if isinstance(c, dict) else asdict(c), sort_keys=True, default=str)
         parts[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -198,7 +198,7 @@ class LoRALabTrain:
             training=train_config.__class__(**{**asdict(train_config), "steps": 1, "epochs": 0}), guidance={"guidance": guidance},
         )
         if network.train_text_encoder:
-            fingerprint["text_encoder"] = module_fingerprint(clip.cond_stage_model)
+            fingerprint["text_encoder"] = comfy_adapter.encoder_fingerprint(clip, "cond_stage_model")
         start = _start_file(start_from_lora)
         if start is not None:
             fingerprint["start_from_lora"] = f"{start_from_lora}:{start.stat().st_size}:{start.stat().st_mtime_ns}"
