@@ -14,7 +14,7 @@ from ..trainer.cache import cache_key, load_entry, save_entry
 from ..trainer.data import EncodedDataset, Example
 from ..trainer.dataset import DatasetConfig, build_items, scan_folder
 from ..trainer.errors import ConfigError
-from ..trainer.comfy_adapter import encoder_fingerprint
+from ..trainer.fingerprint import encoder_fingerprint
 from .common import CATEGORY, DATASET, user_errors, validation_message
 
 log = logging.getLogger("lora_lab")

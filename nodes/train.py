@@ -17,8 +17,9 @@ import folder_paths
 
 from ..trainer import comfy_adapter
 from ..trainer.data import EncodedDataset, Example
+from ..trainer.fingerprint import encoder_fingerprint, patcher_fingerprint
 from ..trainer.io import build_metadata, check_compatible, load_lora, save_lora
-from ..trainer.paths import next_free, safe_child_path
+from ..trainer.paths import next_free, safe_child_path, write_error
 from ..trainer.loop import Session, TrainConfig
 from ..trainer.network import LoRANetwork, NetworkConfig
 from ..trainer.errors import ConfigError, LoRALabError
@@ -40,6 +41,7 @@ NO_START = "(none)"
 # "flux_shift" is "shift" with Flux's resolution-dependent value, computed from the dataset.
 TIMESTEP_CHOICES = list(TIMESTEP_SAMPLING) + ["flux_shift"]
 PROGRESS_EVENT = "lora_lab.progress"
+SAVE_EVERY_TAIL = "-step99999999"  # the longest suffix save_every adds to output_name
 MIN_MESSAGE_INTERVAL_S = 0.25  # bounded rate for live chart messages
 
 
@@ -54,7 +56,7 @@ def _send(event: str, data: dict) -> None:
 
 def _fingerprint(model, dataset: EncodedDataset, **configs) -> dict[str, str]:
     """What a session was built from, part by part, so a restart can say which part changed."""
-    parts = {"model": comfy_adapter.patcher_fingerprint(model), "dataset": dataset.fingerprint}
+    parts = {"model": patcher_fingerprint(model), "dataset": dataset.fingerprint}
     for name, c in configs.items():
         text = json.dumps(c if isinstance(c, dict) else asdict(c), sort_keys=True, default=str)
         parts[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -172,7 +174,7 @@ class LoRALabTrain:
     @classmethod
     def VALIDATE_INPUTS(cls, output_name):
         try:  # it also names the files save_every writes into the loras folder
-            safe_child_path(folder_paths.get_folder_paths("loras")[0], output_name, field="output_name")
+            safe_child_path(folder_paths.get_folder_paths("loras")[0], output_name, field="output_name", tail=SAVE_EVERY_TAIL)
         except ConfigError as e:
             return str(e)
         return True
@@ -198,7 +200,7 @@ class LoRALabTrain:
             training=train_config.__class__(**{**asdict(train_config), "steps": 1, "epochs": 0}), guidance={"guidance": guidance},
         )
         if network.train_text_encoder:
-            fingerprint["text_encoder"] = comfy_adapter.encoder_fingerprint(clip, "cond_stage_model")
+            fingerprint["text_encoder"] = encoder_fingerprint(clip, "cond_stage_model")
         start = _start_file(start_from_lora)
         if start is not None:
             fingerprint["start_from_lora"] = f"{start_from_lora}:{start.stat().st_size}:{start.stat().st_mtime_ns}"
@@ -231,9 +233,12 @@ class LoRALabTrain:
 
                 def save_checkpoint(step: int) -> None:
                     snapshot = self._result(session, entry, key, output_name, opt_config, sched_config, precision)
-                    path = next_free(safe_child_path(folder_paths.get_folder_paths("loras")[0], f"{output_name}-step{step:06d}", field="output_name"))
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    save_lora(path, snapshot.weights, dict(snapshot.metadata, ss_output_name=path.stem), dtype=SAVE_DTYPES[precision.save_dtype])
+                    path = safe_child_path(folder_paths.get_folder_paths("loras")[0], f"{output_name}-step{step:06d}", field="output_name")
+                    try:
+                        path = next_free(path, field="output_name")
+                        save_lora(path, snapshot.weights, dict(snapshot.metadata, ss_output_name=path.stem), dtype=SAVE_DTYPES[precision.save_dtype])
+                    except OSError as e:  # the session keeps its state: queue again to go on
+                        raise write_error(path, e, "save_every") from None
                     saved.append(str(path))
 
                 previews = self._run(session, until, unique_id, model, preview if preview_every else None, preview_every, save_every, save_checkpoint)

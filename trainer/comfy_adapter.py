@@ -19,9 +19,10 @@ MODEL output of the Train node, `apply_lora` patches a *clone*, like ComfyUI's L
 
 from __future__ import annotations
 
-import hashlib
 import logging
+import re
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -34,7 +35,6 @@ import comfy.sd
 import comfy.utils
 
 from .errors import ConfigError
-from .fingerprint import weights_fingerprint
 from .network import NetworkConfig, Target, find_targets, is_text_encoder
 
 log = logging.getLogger("lora_lab")
@@ -463,55 +463,6 @@ def _dataset_bytes(examples) -> int:
     return total
 
 
-# SD1.5 files carry no CLIP text_projection: ComfyUI leaves that weight uninitialised, so its
-# bytes differ from one load to the next (seen: NaN, then zeros). It never says which model it is.
-UNINITIALISED = ("text_projection",)
-
-
-def patcher_fingerprint(patcher) -> str:
-    """Identity of what a ModelPatcher (MODEL, clip.patcher, vae.patcher) computes with: the
-    unpatched weights plus this patcher's own patches.
-
-    Loading a patched clone (Apply LoRA, a sweep, the Train node's MODEL output) writes its LoRA
-    into the shared weights in place; ComfyUI keeps the original in the backup every clone shares,
-    so the backup is what describes the base model.
-    """
-    originals = {k: b.weight for k, b in (getattr(patcher, "backup", None) or {}).items()}
-    originals.update((k, v[0]) for k, v in (getattr(patcher, "hook_backup", None) or {}).items())
-    base = weights_fingerprint(patcher.model.state_dict(keep_vars=True), originals, skip=UNINITIALISED)
-    patches = getattr(patcher, "patches", None) or {}
-    if not patches:
-        return base
-    described = []
-    for key in sorted(patches, key=str):
-        for n, patch in enumerate(patches[key]):
-            numbers = [x for x in patch if isinstance(x, (int, float))]  # strengths
-            described.append((f"{key}#{n}:{numbers}", torch.zeros(0)))
-            described += [(f"{key}#{n}.{i}", t) for i, t in enumerate(_patch_tensors(patch))]
-    return hashlib.sha256(f"{base}:{weights_fingerprint(described)}".encode()).hexdigest()[:16]
-
-
-def encoder_fingerprint(encoder, module_name: str) -> str:
-    """`patcher_fingerprint` of a CLIP or VAE (module_name: its "cond_stage_model" /
-    "first_stage_model"); a stand-in without a patcher is described by that module alone."""
-    patcher = getattr(encoder, "patcher", None)
-    if patcher is not None and getattr(patcher, "model", None) is getattr(encoder, module_name):
-        return patcher_fingerprint(patcher)
-    return weights_fingerprint(getattr(encoder, module_name).state_dict(keep_vars=True), skip=UNINITIALISED)
-
-
-def _patch_tensors(value, depth: int = 0) -> list[torch.Tensor]:
-    """Every tensor inside one of ComfyUI's patch entries (tuples, lists, weight adapters)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if depth > 4:
-        return []
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _patch_tensors(v, depth + 1)]
-    inner = getattr(value, "weights", None)
-    return _patch_tensors(inner, depth + 1) if inner is not None else []
-
-
 def free_memory_bytes(device: torch.device) -> int:
     """What ComfyUI reports as free on the device (VRAM plus its allocator cache; RAM on CPU)."""
     return int(comfy.model_management.get_free_memory(device))
@@ -541,8 +492,27 @@ def family_name(model) -> str:
         return type(model.model_config).__name__
 
 
-def lora_fit(model, clip, weights: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(weights that fit, weights whose names match) when `apply_lora` applies this LoRA.
+# What follows a module's name in a LoRA file's keys, for every adapter kind ComfyUI reads.
+_ADAPTER_PART = re.compile(
+    r"\.(lora_up|lora_down|lora_mid|lora_A|lora_B|lora\.up|lora\.down|lora_linear_layer\.up|lora_linear_layer\.down"
+    r"|alpha|dora_scale|hada_\w+|lokr_\w+|oft_\w+|diff|diff_b|set_weight|reshape_weight|w_norm|b_norm|rescale|on_input)(\.weight)?$"
+)
+
+
+@dataclass(frozen=True)
+class LoRAFit:
+    modules: int  # modules in the file (that can apply: without a CLIP, the UNet part)
+    matched: int  # of those, names the MODEL/CLIP has (ComfyUI's key maps)
+    fit: int  # of those, with the layer's sizes
+
+
+def lora_modules(weights) -> set[str]:
+    """The module names of a LoRA file's keys ("lora_unet_x.lora_up.weight" -> "lora_unet_x")."""
+    return {k[: m.start()] if (m := _ADAPTER_PART.search(k)) else k for k in weights}
+
+
+def lora_fit(model, clip, weights: dict[str, torch.Tensor]) -> LoRAFit:
+    """How much of this LoRA `apply_lora` would really apply.
 
     Names are matched by ComfyUI's own key maps, and a kohya lora_up / lora_down pair fits when
     its outer sizes are the layer's. A LoRA made for another model family fits nothing: ComfyUI
@@ -560,8 +530,10 @@ def lora_fit(model, clip, weights: dict[str, torch.Tensor]) -> tuple[int, int]:
         patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
     except TypeError:  # a ComfyUI without the log_missing switch (it then only logs)
         patches = comfy.lora.load_lora(converted, key_map)
+    modules = lora_modules(converted)
     fit = sum(1 for key, patch in patches.items() if _patch_fits(patch, key, shapes))
-    return fit, len(patches)
+    matched = max(len(patches), sum(1 for m in modules if m in key_map))
+    return LoRAFit(max(len(modules), matched), matched, fit)
 
 
 def _patch_fits(patch, key, shapes: dict) -> bool:

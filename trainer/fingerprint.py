@@ -17,6 +17,8 @@ the unpatched tensor in a backup; the identity of the model is the unpatched one
 
 Public API:
     weights_fingerprint(tensors, originals=None, skip=()) -> str     16 hex digits
+    patcher_fingerprint(patcher) -> str        a ComfyUI ModelPatcher: unpatched weights + its own patches
+    encoder_fingerprint(encoder, module_name)  a CLIP / VAE (or a stand-in without a patcher)
     sample_stride(numel) -> int                                       every how many values are sampled
 """
 
@@ -72,3 +74,55 @@ def weights_fingerprint(
         h.update(f"{name}{tuple(t.shape)}\x1f".encode())
         h.update(_sample_bytes(t))
     return h.hexdigest()[:16]
+
+
+# --- ComfyUI's model objects (read by attribute: this module imports no ComfyUI) -------------------
+
+
+# SD1.5 files carry no CLIP text_projection: ComfyUI leaves that weight uninitialised, so its
+# bytes differ from one load to the next (seen: NaN, then zeros). It never says which model it is.
+UNINITIALISED = ("text_projection",)
+
+
+def patcher_fingerprint(patcher) -> str:
+    """Identity of what a ModelPatcher (MODEL, clip.patcher, vae.patcher) computes with: the
+    unpatched weights plus this patcher's own patches.
+
+    Loading a patched clone (Apply LoRA, a sweep, the Train node's MODEL output) writes its LoRA
+    into the shared weights in place; ComfyUI keeps the original in the backup every clone shares,
+    so the backup is what describes the base model.
+    """
+    originals = {k: b.weight for k, b in (getattr(patcher, "backup", None) or {}).items()}
+    originals.update((k, v[0]) for k, v in (getattr(patcher, "hook_backup", None) or {}).items())
+    base = weights_fingerprint(patcher.model.state_dict(keep_vars=True), originals, skip=UNINITIALISED)
+    patches = getattr(patcher, "patches", None) or {}
+    if not patches:
+        return base
+    described = []
+    for key in sorted(patches, key=str):
+        for n, patch in enumerate(patches[key]):
+            numbers = [x for x in patch if isinstance(x, (int, float))]  # strengths
+            described.append((f"{key}#{n}:{numbers}", torch.zeros(0)))
+            described += [(f"{key}#{n}.{i}", t) for i, t in enumerate(_patch_tensors(patch))]
+    return hashlib.sha256(f"{base}:{weights_fingerprint(described)}".encode()).hexdigest()[:16]
+
+
+def encoder_fingerprint(encoder, module_name: str) -> str:
+    """`patcher_fingerprint` of a CLIP or VAE (module_name: its "cond_stage_model" /
+    "first_stage_model"); a stand-in without a patcher is described by that module alone."""
+    patcher = getattr(encoder, "patcher", None)
+    if patcher is not None and getattr(patcher, "model", None) is getattr(encoder, module_name):
+        return patcher_fingerprint(patcher)
+    return weights_fingerprint(getattr(encoder, module_name).state_dict(keep_vars=True), skip=UNINITIALISED)
+
+
+def _patch_tensors(value, depth: int = 0) -> list[torch.Tensor]:
+    """Every tensor inside one of ComfyUI's patch entries (tuples, lists, weight adapters)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth > 4:
+        return []
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _patch_tensors(v, depth + 1)]
+    inner = getattr(value, "weights", None)
+    return _patch_tensors(inner, depth + 1) if inner is not None else []

@@ -42,6 +42,7 @@ from safetensors import safe_open
 from safetensors.torch import save as _safetensors_bytes
 
 from .errors import ConfigError, LoRALabError
+from .paths import temp_name
 
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
@@ -211,7 +212,7 @@ def _write_all(fileobj, data: bytes) -> None:
 
 
 def _temp_prefix(target: Path) -> str:
-    return f".{target.name}.tmp-"
+    return temp_name(target.name)
 
 
 def _remove_stale_temps(target: Path) -> None:
@@ -250,7 +251,7 @@ def _process_alive(pid: int) -> bool:
 
 def _atomic_write(target: Path, data: bytes) -> None:
     folder = target.parent
-    tmp = folder / f"{_temp_prefix(target)}{os.getpid()}"
+    tmp = folder / temp_name(target.name, os.getpid())
     _remove_stale_temps(target)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -63,3 +63,25 @@ def test_samples_cover_the_whole_tensor():
         changed = t.clone()
         changed[at] = 1.0
         assert weights_fingerprint({"w": changed}) != before
+
+
+def test_a_patcher_is_described_by_its_unpatched_weights_and_its_own_patches():
+    """ComfyUI's ModelPatcher layout: clones share `backup` (key -> (weight, inplace_update)) and
+    loading a LoRA-patched clone writes the patched weight into the shared module."""
+    from collections import namedtuple
+    from types import SimpleNamespace
+
+    from trainer.fingerprint import patcher_fingerprint
+
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    base = SimpleNamespace(model=net, backup={}, patches={})
+    before = patcher_fingerprint(base)
+    original = net[1].weight
+    net[1].weight = torch.nn.Parameter(original + 0.5)  # a patched clone was loaded
+    base.backup["1.weight"] = namedtuple("Dimension", ["weight", "inplace_update"])(original, False)
+    assert patcher_fingerprint(base) == before
+    lora = (1.0, (torch.ones(8, 2), torch.ones(2, 8), None, None, None, None), 1.0, None, None)
+    patched_clone = SimpleNamespace(model=net, backup=base.backup, patches={"1.weight": [lora]})
+    assert patcher_fingerprint(patched_clone) != before  # what it computes with differs
+    stronger = SimpleNamespace(model=net, backup=base.backup, patches={"1.weight": [(0.5,) + lora[1:]]})
+    assert patcher_fingerprint(stronger) not in (before, patcher_fingerprint(patched_clone))
