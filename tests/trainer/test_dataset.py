@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import dataset
+from trainer import dataset, images
 from trainer.dataset import (
     DatasetConfig,
     bucket_size,
@@ -215,7 +215,7 @@ def test_truncated_and_fake_images_name_the_file(tmp_path):
 
 def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):
     p = save(tmp_path / "big.png", size=(300, 200))
-    monkeypatch.setattr(dataset, "MAX_IMAGE_PIXELS", 100 * 100)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100 * 100)
     with pytest.raises(LoRALabError, match=r"big\.png is 300x200"):
         load_image(str(p))
 
