@@ -14,6 +14,7 @@ import folder_paths
 from ..trainer.cache import cache_key, load_entry, save_entry
 from ..trainer.data import EncodedDataset, Example
 from ..trainer.dataset import DatasetConfig, build_items, scan_folder
+from ..trainer.images import skipped_summary
 from ..trainer.errors import ConfigError
 from ..trainer.fingerprint import encoder_fingerprint
 from .common import CATEGORY, DATASET, user_errors, validation_message
@@ -106,7 +107,7 @@ class LoRALabDataset:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "folder": ("STRING", {"default": "lora_dataset", "tooltip": "Folder inside ComfyUI's input directory, or an absolute path. Images: png/jpg/webp/bmp; captions: same name + .txt."}),
+                "folder": ("STRING", {"default": "lora_dataset", "tooltip": "Folder inside ComfyUI's input directory, or an absolute path. Images: png/jpg/webp/bmp/gif (avif when Pillow reads it); captions: same name + .txt."}),
                 "vae": ("VAE", {"tooltip": "The VAE of the model you train on (from the checkpoint loader)."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder of the model you train on."}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64, "tooltip": "Training resolution: 512 for SD1.5, 1024 for SDXL/Flux. Images are fitted into aspect-ratio buckets of about this area."}),
@@ -151,7 +152,8 @@ class LoRALabDataset:
     @user_errors
     def load(self, folder, vae, clip, resolution, bucket, repeats, trigger_word, **options):
         config = self._config(resolution, bucket, repeats, trigger_word, **options)
-        entries = scan_folder(resolve_folder(folder), config.caption_extension)
+        skipped: list[str] = []
+        entries = scan_folder(resolve_folder(folder), config.caption_extension, skipped)
         cache_dir = os.path.join(folder_paths.get_user_directory(), CACHE_DIR_NAME)
         encoders = f"{encoder_fingerprint(vae, 'first_stage_model')}:{encoder_fingerprint(clip, 'cond_stage_model')}"
         text_cache: dict[str, tuple] = {}
@@ -179,7 +181,7 @@ class LoRALabDataset:
 
         items, stats = build_items(entries, config, each=encode)
         fingerprint = hashlib.sha256("|".join([encoders] + [f"{i.content_hash}:{i.repeats}" for i in items]).encode()).hexdigest()[:16]
-        stats.warnings.extend(cache_problem)
+        stats.warnings.extend([w for w in [skipped_summary(skipped)] if w] + cache_problem)
         summary = stats.to_text() + f"\nencoded: {len(items) - hits}, from cache: {hits}"
         log.info("LoRA Lab dataset %s: %d images, encoders %s, fingerprint %s", folder, len(items), encoders, fingerprint)
         dataset = EncodedDataset(examples, fingerprint, summary, list(stats.warnings))

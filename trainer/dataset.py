@@ -43,7 +43,8 @@ PreparedItem(name, repeats, size, images, captions, content_hash)
     pixels; the cache key for latents and conditioning (repeats and file names are not in it).
 DatasetStats(count, total_with_repeats, buckets, warnings); `.to_text()` is a short summary for the
     node UI. Warnings (one line per kind, naming the files): tiny images, images upscaled > 2x,
-    identical files, missing or empty captions, caption files without an image, non-UTF-8 captions.
+    identical files, missing or empty captions, caption files without an image, non-UTF-8 captions,
+    animated images (their first frame is trained).
 """
 
 from __future__ import annotations
@@ -70,11 +71,12 @@ _MAX_VARIANTS = 16
 _MAX_ROTATION = 15.0
 _MAX_JITTER = 0.3
 # Part of every content_hash: bump it when the preprocessing changes so stale caches are not reused.
-_PREPROCESS_VERSION = 1
+_PREPROCESS_VERSION = 2  # 2: extreme aspect ratios scale only the cropped part
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS
 _BICUBIC = getattr(Image, "Resampling", Image).BICUBIC
 _AFFINE = getattr(Image, "Transform", Image).AFFINE
 _LISTED = 5  # file names shown per warning line
+_MAX_SPARE = 4  # an image scaled to more than this many times the crop's area is cropped first
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -284,11 +286,20 @@ def _crop(img: Image.Image, size: tuple[int, int], d: _Draws) -> Image.Image:
     scale = _cover_scale(img.width, img.height, (ew, eh))
     W = max(math.ceil(ew), round(img.width * scale))
     H = max(math.ceil(eh), round(img.height * scale))
-    if (W, H) != img.size:
-        img = img.resize((W, H), _LANCZOS)
     left, top = (W - ew) * d.crop_x, (H - eh) * d.crop_y
     if not d.angle:
         left, top = round(left), round(top)
+    if W * H > _MAX_SPARE * math.ceil(ew) * math.ceil(eh):
+        # Most of the scaled image would be cropped away (an 8192x1 strip scaled to cover 256 px
+        # rows is gigabytes): scale only the part the crop takes.
+        sx, sy = W / img.width, H / img.height
+        cw, ch = math.ceil(ew), math.ceil(eh)
+        box = (left / sx, top / sy, min(img.width, (left + cw) / sx), min(img.height, (top + ch) / sy))
+        img = img.resize((cw, ch), _LANCZOS, box=box)
+        left = top = 0
+    elif (W, H) != img.size:
+        img = img.resize((W, H), _LANCZOS)
+    if not d.angle:
         return img.crop((left, top, left + bw, top + bh))
     cx, cy = left + ew / 2, top + eh / 2
     cos, sin = math.cos(rad), math.sin(rad)
@@ -413,11 +424,11 @@ def _orphan_captions(entries: list[ImageEntry], ext: str) -> list[str]:
     return orphans
 
 
-def _prepare_one(entry: ImageEntry, config: DatasetConfig, caption_warnings: list[str]):
+def _prepare_one(entry: ImageEntry, config: DatasetConfig, caption_warnings: list[str], animated: list[str]):
     with open(entry.path, "rb") as f:
         data = f.read()
     file_hash = hashlib.sha256(data).hexdigest()
-    img = _decode(data, entry.path)
+    img = _decode(data, entry.path, animated)
     size = bucket_size(img.width, img.height, config)
     caption = read_caption(entry.caption_path, caption_warnings)
     images, captions = [], []
@@ -446,9 +457,9 @@ def build_items(entries: list[ImageEntry], config: DatasetConfig, each=None) -> 
     items: list[PreparedItem] = []
     caption_warnings: list[str] = []
     seen: dict[str, str] = {}
-    duplicates, tiny, upscaled, uncaptioned = [], [], [], []
+    duplicates, tiny, upscaled, uncaptioned, animated = [], [], [], [], []
     for entry in entries:
-        item, file_hash, (w, h), caption = _prepare_one(entry, config, caption_warnings)
+        item, file_hash, (w, h), caption = _prepare_one(entry, config, caption_warnings, animated)
         items.append(item)
         if each is not None:
             each(entry, item)
@@ -469,6 +480,9 @@ def build_items(entries: list[ImageEntry], config: DatasetConfig, each=None) -> 
     if upscaled:
         warnings.append(f"{len(upscaled)} image(s) are enlarged more than {MAX_UPSCALE:g}x to fit their bucket: "
                         f"{_names(upscaled)}. Use larger originals or a lower resolution.")
+    if animated:
+        warnings.append(f"{len(animated)} animated image(s) are trained on their first frame only: {_names(animated)}. "
+                        "To train another frame, export it as a PNG.")
     if duplicates:
         warnings.append(f"{len(duplicates)} identical file(s), trained twice as often: {_names(duplicates)}. "
                         "Remove the copies unless that is intended.")

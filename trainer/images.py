@@ -33,7 +33,8 @@ from PIL import Image, ImageOps
 
 from .errors import ConfigError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+OPTIONAL_EXTENSIONS = (".avif",)  # read when this Pillow can (see _readable_extensions)
 MAX_IMAGE_PIXELS = 8192 * 8192
 _REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
@@ -89,14 +90,32 @@ def _repeats_for(parts: list[str], root: str) -> int | None:
     return None
 
 
-def scan_folder(folder: str, caption_extension: str = ".txt") -> list[ImageEntry]:
-    """Training images under `folder` (recursively), with their caption file and kohya repeats."""
+def _readable_extensions() -> tuple[str, ...]:
+    """IMAGE_EXTENSIONS plus the optional formats this Pillow build reads (AVIF: Pillow >= 11.2
+    built with libavif, or pillow-avif-plugin)."""
+    Image.init()
+    return IMAGE_EXTENSIONS + tuple(e for e in OPTIONAL_EXTENSIONS if e in Image.registered_extensions())
+
+
+def scan_folder(folder: str, caption_extension: str = ".txt", skipped: list[str] | None = None) -> list[ImageEntry]:
+    """Training images under `folder` (recursively, linked sub-folders followed once), with their
+    caption file and kohya repeats. Every other file that is not a caption is appended to
+    `skipped` as "path (why)"; hidden files are left out silently."""
     root = _resolve_folder(folder)
     ext = caption_extension.lower()
+    readable = _readable_extensions()
     entries: list[ImageEntry] = []
+    skipped = [] if skipped is None else skipped
+    visited: set[str] = set()
     n_files = n_captions = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not _hidden(d)]
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a link back to a folder already scanned (a loop, or a second way in)
+            dirnames[:] = []
+            skipped.append(f"{dirpath} (a link to {real}, which is scanned already)")
+            continue
+        visited.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))  # one order, so one way in wins
         files = [f for f in filenames if not _hidden(f)]
         n_files += len(files)
         captions = {f.lower(): f for f in files if f.lower().endswith(ext)}
@@ -104,28 +123,44 @@ def scan_folder(folder: str, caption_extension: str = ".txt") -> list[ImageEntry
         rel = os.path.relpath(dirpath, root)
         parts = [] if rel == "." else rel.split(os.sep)
         repeats = _repeats_for(parts, root)
-        for f in files:
+        for f in sorted(files):
             stem, suffix = os.path.splitext(f)
-            if suffix.lower() not in IMAGE_EXTENSIONS:
+            path = os.path.join(dirpath, f)
+            if f.lower() in captions:
+                continue
+            if not os.path.exists(path):
+                skipped.append(f"{path} (a link to a file that does not exist)")
+                continue
+            if suffix.lower() not in readable:
+                why = (f"{suffix.lower()[1:].upper()}: this Pillow cannot read it; pip install pillow-avif-plugin, or convert it to PNG"
+                       if suffix.lower() in OPTIONAL_EXTENSIONS else "not an image type LoRA Lab reads")
+                skipped.append(f"{path} ({why})")
                 continue
             caption = captions.get((stem + ext).lower())
             entries.append(
                 ImageEntry(
-                    path=os.path.join(dirpath, f),
+                    path=path,
                     caption_path=os.path.join(dirpath, caption) if caption else None,
                     repeats=repeats,
                     subfolder="/".join(parts),
                 )
             )
     if not entries:
-        accepted = ", ".join(IMAGE_EXTENSIONS)
+        accepted = ", ".join(readable)
         if n_captions:
             found = f"found {n_captions} caption file(s) ({caption_extension}) but no images"
         else:
             found = f"found {n_files} file(s), none of them an image"
-        raise ConfigError("folder", f"{found} in {root} (sub-folders included). Accepted images: {accepted}.")
+        raise ConfigError("folder", f"{found} in {root} (sub-folders and linked folders included). Accepted images: {accepted}.")
     entries.sort(key=lambda e: e.name)
     return entries
+
+
+def skipped_summary(skipped: list[str]) -> str | None:
+    """The dataset summary's line for the files scan_folder skipped (every one, with why)."""
+    if not skipped:
+        return None
+    return f"{len(skipped)} file(s) or link(s) skipped: " + "; ".join(skipped)
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -167,7 +202,9 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def _decode(data: bytes, path: str) -> Image.Image:
+def _decode(data: bytes, path: str, animated: list[str] | None = None) -> Image.Image:
+    """8-bit RGB; an animated file (GIF, WebP, APNG) gives its first frame and its path is
+    appended to `animated`."""
     try:
         with _py_warnings.catch_warnings():
             # Our own, lower limit is checked below; Pillow's warning would only repeat it.
@@ -194,6 +231,8 @@ def _decode(data: bytes, path: str) -> Image.Image:
         img.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise _file_error(path, f"the image is truncated or corrupt ({e})") from None
+    if getattr(img, "n_frames", 1) > 1 and animated is not None:
+        animated.append(path)  # the frame loaded is the first
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not stop training; orientation is then as stored
