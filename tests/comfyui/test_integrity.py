@@ -142,3 +142,43 @@ def test_cancel_while_encoding_keeps_what_was_encoded_and_a_requeue_encodes_only
     assert status_str(again) == "success"
     assert dataset_text(again).endswith(f"encoded: {n - kept}, from cache: {kept}"), dataset_text(again)
     assert len(_cache_files(srv) - before) == n
+
+
+def test_a_failed_save_every_names_the_file_and_keeps_the_training_state(srv):
+    node = "94"
+    blocker = srv.models_dir / "loras" / "blocked"  # a file where save_every's sub-folder goes
+    blocker.write_text("not a folder")
+    prompt = train_prompt(node, output_name="blocked/run", steps=2)
+    prompt[node]["inputs"]["save_every"] = 1
+    try:
+        entry = srv.run(prompt, timeout=900, check=False)
+        err = execution_error(entry)
+        assert err and err["node_id"] == node, entry["status"]
+        message = err["exception_message"]
+        assert str(blocker / "run-step000001.safetensors") in message and "writable" in message, message
+        assert "Traceback" not in message and "Errno" not in message.split(":")[0], message
+    finally:
+        blocker.unlink()
+    again = srv.run(prompt, timeout=900)  # the step before the failed save was kept
+    assert step(again, node) == 2 and NEW_LORA not in notes(again, node), notes(again, node)
+    saved = again["outputs"][node]["lora_lab"][0]["saved"]
+    assert saved == [str(srv.models_dir.resolve() / "loras" / "blocked" / "run-step000002.safetensors")], saved
+
+
+def test_an_unwritable_cache_folder_trains_without_the_cache_and_says_so(srv):
+    cache = srv.user_dir / "lora_lab" / "cache"
+    aside = cache.with_name("cache.aside")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    if cache.exists():
+        cache.rename(aside)
+    cache.write_text("a file where the cache folder goes")
+    try:
+        make_dataset(srv.input_dir / "no_cache", n=2, size=64, seed=21)
+        entry = srv.run(train_prompt("95", dataset="no_cache"), timeout=900)
+        text = dataset_text(entry)
+        assert f"the encoding cache folder {cache} is not writable" in text and text.endswith("encoded: 2, from cache: 0"), text
+        assert step(entry, "95") == 1
+    finally:
+        cache.unlink()
+        if aside.exists():
+            aside.rename(cache)
