@@ -91,7 +91,7 @@ def dataset_text(entry) -> str:
 
 
 def test_a_sweep_between_runs_continues_and_a_changed_middle_tensor_starts_a_new_lora(srv):
-    node = "91"
+    node = "191"
     first = srv.run(train_prompt(node), timeout=900)
     assert step(first, node) == 1
     # The sweep loads LoRA-patched clones of the same MODEL: ComfyUI writes the patches into the
@@ -110,7 +110,7 @@ def test_a_sweep_between_runs_continues_and_a_changed_middle_tensor_starts_a_new
 
 
 def test_a_changed_middle_vae_tensor_re_encodes_the_latents(srv):
-    prompt = {k: v for k, v in train_prompt("92").items() if k in (CKPT, DATASET)}
+    prompt = {k: v for k, v in train_prompt("192").items() if k in (CKPT, DATASET)}
     srv.run(prompt, timeout=900)  # encoded with the tiny checkpoint's VAE (now or by an earlier test)
     prompt[CKPT]["inputs"]["ckpt_name"] = VAE_CHANGED
     changed = srv.run(prompt, timeout=900)
@@ -124,7 +124,7 @@ def _cache_files(srv) -> set[Path]:
 def test_cancel_while_encoding_keeps_what_was_encoded_and_a_requeue_encodes_only_the_rest(srv):
     n = 32
     make_dataset(srv.input_dir / "cancel_encoding", n=n, size=64, seed=12)
-    prompt = {k: v for k, v in train_prompt("93", dataset="cancel_encoding").items() if k in (CKPT, DATASET)}
+    prompt = {k: v for k, v in train_prompt("193", dataset="cancel_encoding").items() if k in (CKPT, DATASET)}
     before = _cache_files(srv)
     pid = srv.queue(prompt)
     deadline = time.monotonic() + 600
@@ -145,7 +145,7 @@ def test_cancel_while_encoding_keeps_what_was_encoded_and_a_requeue_encodes_only
 
 
 def test_a_failed_save_every_names_the_file_and_keeps_the_training_state(srv):
-    node = "94"
+    node = "194"
     blocker = srv.models_dir / "loras" / "blocked"  # a file where save_every's sub-folder goes
     blocker.write_text("not a folder")
     prompt = train_prompt(node, output_name="blocked/run", steps=2)
@@ -174,10 +174,10 @@ def test_an_unwritable_cache_folder_trains_without_the_cache_and_says_so(srv):
     cache.write_text("a file where the cache folder goes")
     try:
         make_dataset(srv.input_dir / "no_cache", n=2, size=64, seed=21)
-        entry = srv.run(train_prompt("95", dataset="no_cache"), timeout=900)
+        entry = srv.run(train_prompt("195", dataset="no_cache"), timeout=900)
         text = dataset_text(entry)
         assert f"the encoding cache folder {cache} is not writable" in text and text.endswith("encoded: 2, from cache: 0"), text
-        assert step(entry, "95") == 1
+        assert step(entry, "195") == 1
     finally:
         cache.unlink()
         if aside.exists():
