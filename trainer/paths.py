@@ -34,7 +34,7 @@ def _check_component(part: str, field: str, folder: bool) -> None:
     if part != part.rstrip(". "):
         raise ConfigError(field, f"{part!r} ends with a dot or a space, which Windows drops from names; remove it.")
     if part.split(".")[0].strip().upper() in WINDOWS_RESERVED:
-        raise ConfigError(field, f"{part!r} is a device name Windows reserves ({', '.join(sorted(WINDOWS_RESERVED)[:4])}, COM1..., LPT1...); choose another name.")
+        raise ConfigError(field, f"{part!r} is a device name Windows reserves (CON, PRN, AUX, NUL, COM1-COM9, LPT1-LPT9, with any extension); choose another name.")
     if folder and _component_length(part) > MAX_COMPONENT:
         raise ConfigError(field, f"the folder name {_shown(part)} is {len(part.encode())} bytes long; folder names must stay within {MAX_COMPONENT} bytes. Use a shorter name.")
 
