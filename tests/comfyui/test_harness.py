@@ -49,8 +49,8 @@ def test_txt2img_success_and_determinism(comfy_server):
     assert np.isfinite(a).all()
     assert a.std() > 1.0, "decoded image is (nearly) constant"
 
-    # Same graph again, through a second name of the same checkpoint file: every node's inputs
-    # differ, so nothing can be served from ComfyUI's cache (POST /free is applied by the worker
+    # Same graph again, through a second name of the same checkpoint file: the loader, the sampler
+    # and the decoder get other inputs, so none of them can be served from ComfyUI's cache (POST /free is applied by the worker
     # when it gets to it, which a test must not depend on).
     alias = comfy_server.models_dir / "checkpoints" / ("alias_" + TINY_CKPT_NAME)
     if not alias.exists():
@@ -59,7 +59,8 @@ def test_txt2img_success_and_determinism(comfy_server):
     t0 = time.perf_counter()
     second = comfy_server.run(prompt_b, timeout=120)
     t_second = time.perf_counter() - t0
-    assert cached_nodes(second) == [], "nodes were served from cache; determinism not exercised"
+    cached = cached_nodes(second)
+    assert not {"1", "5", "6"} & set(cached), f"{cached} were served from cache; determinism not exercised"
     (path_b,) = _saved_images(comfy_server, second)
     assert path_b != path_a
     b = _pixels(path_b)
