@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from pathlib import Path
 
 import torch
@@ -57,13 +56,15 @@ def save_into_loras(name: str, weights: dict, metadata: dict, save_dtype: str, f
     import folder_paths
 
     from ..trainer.io import save_lora
-    from ..trainer.paths import next_free, safe_child_path
+    from ..trainer.paths import next_free, safe_child_path, write_error
 
     path = safe_child_path(folder_paths.get_folder_paths("loras")[0], name, field=field)
-    if not overwrite:
-        path = next_free(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_lora(path, weights, dict(metadata, ss_output_name=path.stem), dtype=SAVE_DTYPES[save_dtype])
+    try:
+        if not overwrite:
+            path = next_free(path, field=field)
+        save_lora(path, weights, dict(metadata, ss_output_name=path.stem), dtype=SAVE_DTYPES[save_dtype])  # creates the folder
+    except OSError as e:  # save_lora reports its own write errors; this is the rest (a file where a folder goes)
+        raise write_error(path, e, field) from None
     return path
 
 
@@ -113,21 +114,3 @@ class TrainingRecord:
         self.diagnosis = diagnosis
         self.lr_plan = lr_plan
         self.title = title
-
-
-def module_fingerprint(module: torch.nn.Module) -> str:
-    """Cheap identity of a model's weights: parameter names and shapes, and two tensors' values.
-
-    Tells "the same checkpoint, loaded again" from "another model" without hashing gigabytes.
-    """
-    h = hashlib.sha256()
-    # SD1.5 files carry no CLIP text_projection: ComfyUI leaves that weight uninitialised, so its
-    # bytes differ from one load to the next (seen: NaN, then zeros). It never says which model it is.
-    params = [(n, p) for n, p in module.state_dict().items() if "text_projection" not in n]
-    for name, p in params:
-        h.update(f"{name}{tuple(p.shape)}".encode())
-    # ComfyUI may cast a loaded model (fp32 -> fp16 text encoder on CPU, fp8 weights): compare the
-    # values at fp16 precision and leave the storage dtype out, so a cast is not "another model".
-    for _, p in params[:1] + params[-1:]:
-        h.update(p.detach().to("cpu", torch.float16).contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]

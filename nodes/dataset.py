@@ -8,13 +8,16 @@ import os
 
 import torch
 
+import comfy.utils
 import folder_paths
 
 from ..trainer.cache import cache_key, load_entry, save_entry
 from ..trainer.data import EncodedDataset, Example
 from ..trainer.dataset import DatasetConfig, build_items, scan_folder
+from ..trainer.images import skipped_summary
 from ..trainer.errors import ConfigError
-from .common import CATEGORY, DATASET, module_fingerprint, user_errors, validation_message
+from ..trainer.fingerprint import encoder_fingerprint
+from .common import CATEGORY, DATASET, user_errors, validation_message
 
 log = logging.getLogger("lora_lab")
 
@@ -23,7 +26,8 @@ CACHE_DIR_NAME = os.path.join("lora_lab", "cache")
 
 def resolve_folder(folder: str) -> str:
     """An absolute path as given; anything else relative to ComfyUI's input directory."""
-    folder = os.path.expanduser(str(folder).strip())
+    # Quotes and spaces come with paths pasted from Windows' "Copy as path": gone before joining.
+    folder = os.path.expanduser(str(folder).strip().strip('"').strip("'").strip())
     if not folder:
         raise ConfigError("folder", "is empty: type a folder name inside ComfyUI's input directory, or an absolute path.")
     return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
@@ -103,7 +107,7 @@ class LoRALabDataset:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "folder": ("STRING", {"default": "lora_dataset", "tooltip": "Folder inside ComfyUI's input directory, or an absolute path. Images: png/jpg/webp/bmp; captions: same name + .txt."}),
+                "folder": ("STRING", {"default": "lora_dataset", "tooltip": "Folder inside ComfyUI's input directory, or an absolute path. Images: png/jpg/webp/bmp/gif (avif when Pillow reads it); captions: same name + .txt."}),
                 "vae": ("VAE", {"tooltip": "The VAE of the model you train on (from the checkpoint loader)."}),
                 "clip": ("CLIP", {"tooltip": "The text encoder of the model you train on."}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 64, "tooltip": "Training resolution: 512 for SD1.5, 1024 for SDXL/Flux. Images are fitted into aspect-ratio buckets of about this area."}),
@@ -148,24 +152,36 @@ class LoRALabDataset:
     @user_errors
     def load(self, folder, vae, clip, resolution, bucket, repeats, trigger_word, **options):
         config = self._config(resolution, bucket, repeats, trigger_word, **options)
-        entries = scan_folder(resolve_folder(folder), config.caption_extension)
-        items, stats = build_items(entries, config)
+        skipped: list[str] = []
+        entries = scan_folder(resolve_folder(folder), config.caption_extension, skipped)
         cache_dir = os.path.join(folder_paths.get_user_directory(), CACHE_DIR_NAME)
-        encoders = f"{module_fingerprint(vae.first_stage_model)}:{module_fingerprint(clip.cond_stage_model)}"
+        encoders = f"{encoder_fingerprint(vae, 'first_stage_model')}:{encoder_fingerprint(clip, 'cond_stage_model')}"
         text_cache: dict[str, tuple] = {}
-        examples, hits = [], 0
-        for entry, item in zip(entries, items):  # build_items keeps the entries' order, one item each
+        examples, hits, cache_problem = [], 0, []
+        pbar = comfy.utils.ProgressBar(len(entries))
+
+        def encode(entry, item):
+            nonlocal hits
             key = cache_key(item.content_hash, encoders)
             tensors = load_entry(cache_dir, key)
             if tensors is None:
                 tensors = self._encode(item, vae, clip, text_cache)
-                save_entry(cache_dir, key, tensors)
+                try:
+                    save_entry(cache_dir, key, tensors)
+                except OSError as e:  # training does not need the cache: say so once and go on
+                    if not cache_problem:
+                        cache_problem.append(f"the encoding cache folder {cache_dir} is not writable ({e.strerror or e}); "
+                                             "training goes on, but the images are encoded again on every run. Fix or remove that path.")
             else:
                 hits += 1
             original = original_size(entry.path)
             sizes = [size_conditioning(original, item.size, _crop_position(config, entry.path, v)) for v in range(len(item.images))]
             examples.append(self._example(item, tensors, sizes))
+            pbar.update(1)  # Cancel stops here, after this image: what is encoded stays in the cache
+
+        items, stats = build_items(entries, config, each=encode)
         fingerprint = hashlib.sha256("|".join([encoders] + [f"{i.content_hash}:{i.repeats}" for i in items]).encode()).hexdigest()[:16]
+        stats.warnings.extend([w for w in [skipped_summary(skipped)] if w] + cache_problem)
         summary = stats.to_text() + f"\nencoded: {len(items) - hits}, from cache: {hits}"
         log.info("LoRA Lab dataset %s: %d images, encoders %s, fingerprint %s", folder, len(items), encoders, fingerprint)
         dataset = EncodedDataset(examples, fingerprint, summary, list(stats.warnings))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -17,6 +18,8 @@ from ..trainer.errors import ConfigError, LoRALabError
 from ..trainer.io import load_lora
 from ..trainer.paths import safe_child_path
 from .common import CATEGORY, LORA, LoRALabNodeError, loras_file, save_into_loras, user_errors, validation_message
+
+log = logging.getLogger("lora_lab")
 
 NO_FILE = "(use the lora input)"
 
@@ -60,19 +63,34 @@ def _weights(lora, lora_name) -> tuple[dict, dict, str]:
     return weights, metadata, "lora_name"
 
 
-def check_fits(model, clip, weights: dict, metadata: dict, field: str) -> None:
-    """Refuses a LoRA made for another model: ComfyUI would skip every weight whose name or size
-    doesn't fit (with a log line) and return the model unchanged, a LoRA that silently does nothing."""
-    fit, matched = comfy_adapter.lora_fit(model, clip, weights)
-    if fit and fit == matched:
-        return
+def check_fits(model, clip, weights: dict, metadata: dict, field: str) -> str | None:
+    """How much of the LoRA this MODEL (and CLIP) can take: ComfyUI skips every module whose name
+    or size doesn't fit (with a log line only). Refuses, with the counts, a LoRA of which fewer
+    than half fit (made for another model); returns a warning with the counts when some don't
+    fit, else None."""
+    counts = comfy_adapter.lora_fit(model, clip, weights)
+    if counts.modules and counts.fit == counts.modules:
+        return None
     made_for = metadata.get("ss_base_model_version") or metadata.get("modelspec.architecture")
     source = f" (its metadata says {made_for})" if made_for else ""
     family = comfy_adapter.family_name(model.model)
-    problem = (f"{matched - fit} of its {matched} layers have other sizes than this {family} MODEL's" if matched
-               else f"none of its layer names exist in this {family} MODEL")
-    raise ConfigError(field, f"this LoRA is for another model{source}: {problem}, so ComfyUI would skip them. "
-                             f"Pick a LoRA trained for {family}, or load the checkpoint the LoRA was trained on.")
+    problems = []
+    if counts.modules > counts.matched:
+        problems.append(f"{counts.modules - counts.matched} of its {counts.modules} layer names don't exist in this {family} MODEL"
+                        if counts.matched else f"none of its layer names exist in this {family} MODEL")
+    if counts.matched > counts.fit:
+        problems.append(f"{counts.matched - counts.fit} of its {counts.modules} layers have other sizes than this {family} MODEL's")
+    problem = " and ".join(problems)
+    if 2 * counts.fit < counts.modules or not counts.modules:
+        raise ConfigError(field, f"this LoRA is for another model{source}: {problem}, so ComfyUI would skip them "
+                                 f"({counts.fit} of its {counts.modules} modules fit). Pick a LoRA trained for {family}, "
+                                 "or load the checkpoint the LoRA was trained on.")
+    hint = "" if clip is not None else " (connect the CLIP if the LoRA has a text-encoder part)"
+    warning = (f"{field}: only {counts.fit} of this LoRA's {counts.modules} modules fit this {family} MODEL{source}: {problem}; "
+               f"ComfyUI applies the {counts.fit} that fit and skips the rest{hint}. If it looks weaker than expected, "
+               f"check that it was trained on this model.")
+    log.warning("LoRA Lab: %s", warning)
+    return warning
 
 
 class LoRALabApplyLoRA:
@@ -104,8 +122,9 @@ class LoRALabApplyLoRA:
     @user_errors
     def apply(self, model, strength, lora=None, lora_name=NO_FILE, clip=None):
         weights, metadata, field = _weights(lora, lora_name)
-        check_fits(model, clip, weights, metadata, field)
-        return comfy_adapter.apply_lora(model, clip, weights, check_strength(strength), strength)
+        warning = check_fits(model, clip, weights, metadata, field)
+        result = comfy_adapter.apply_lora(model, clip, weights, check_strength(strength), strength)
+        return {"ui": {"text": [warning]}, "result": result} if warning else result
 
 
 class LoRALabStrengthSweep:
@@ -146,6 +165,7 @@ class LoRALabStrengthSweep:
     @user_errors
     def sweep(self, model, lora, vae, latent, strengths, seed, steps, cfg, sampler_name, scheduler, positive=None, negative=None, clip=None, prompt="", negative_prompt=""):
         values = parse_strengths(strengths)
+        warning = check_fits(model, clip, lora.weights, lora.metadata, "lora")
         if clip is not None and not str(prompt).strip():
             raise ConfigError("prompt", "clip is connected, so the sweep encodes the prompt itself: type the prompt to test (with the trigger word).")
         if clip is None and (positive is None or negative is None):
@@ -162,7 +182,7 @@ class LoRALabStrengthSweep:
         batch = torch.cat(images)
         label = "strength {:g}" if batch.shape[2] >= 160 else "{:g}"
         grid = torch.cat([self._labelled(img, label.format(s)) for img, s in zip(batch, values)], dim=1)
-        return (grid[None], batch)
+        return {"ui": {"text": [warning]}, "result": (grid[None], batch)} if warning else (grid[None], batch)
 
     @staticmethod
     def _labelled(image: torch.Tensor, text: str) -> torch.Tensor:

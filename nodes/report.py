@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..trainer.metrics import psnr_batch, ssim_batch
+from ..trainer.metrics import SSIM_WINDOW, psnr_batch, ssim_batch
 from ..trainer.report import render_report
 from .common import CATEGORY, HISTORY, LoRALabNodeError, user_errors
 
@@ -55,6 +55,9 @@ class LoRALabEvaluate:
             raise LoRALabNodeError(f"reference: give 1 image or {images.shape[0]} (one per image), got {reference.shape[0]}.")
         if reference.shape[1:] != images.shape[1:]:
             raise LoRALabNodeError(f"reference: size {tuple(reference.shape[1:3])} differs from the images' {tuple(images.shape[1:3])}; resize one of them first.")
+        if min(images.shape[1:3]) < SSIM_WINDOW:
+            raise LoRALabNodeError(f"images: SSIM compares {SSIM_WINDOW}x{SSIM_WINDOW} pixel windows, so images must be at least {SSIM_WINDOW} px on each side, got {tuple(images.shape[1:3])}; "
+                                   "scale both images up (e.g. with Upscale Image) before comparing.")
         ref = reference.expand_as(images) if reference.shape[0] == 1 else reference
         p, s = psnr_batch(images, ref), ssim_batch(images, ref)
         finite = [v for v in p if v != float("inf")]

@@ -25,7 +25,8 @@ from ..trainer.report import chart_points
 from ..trainer.resume import STATE_SUFFIX, changed_parts, load_state, save_state
 from ..trainer.sessions import STORE, Entry, next_target, node_key
 from ..trainer.spec import TrainConfig, TrainingSpec
-from .common import CATEGORY, DATASET, HISTORY, LORA, NETWORK, OPTIMIZER, PRECISION, TrainedLoRA, TrainingRecord, default_of, loras_file, module_fingerprint, save_into_loras, user_errors
+from ..trainer.fingerprint import encoder_fingerprint, patcher_fingerprint
+from .common import CATEGORY, DATASET, HISTORY, LORA, NETWORK, OPTIMIZER, PRECISION, TrainedLoRA, TrainingRecord, default_of, loras_file, save_into_loras, user_errors
 from .preview import PREVIEW, render_preview, save_temp_image, to_pil
 
 log = logging.getLogger("lora_lab")
@@ -35,6 +36,7 @@ NO_START = "(none)"
 TIMESTEP_CHOICES = list(TIMESTEP_SAMPLING) + [recipe.FLUX_SHIFT]
 PROGRESS_EVENT = "lora_lab.progress"
 MIN_MESSAGE_INTERVAL_S = 0.25  # bounded rate for live chart messages
+SAVE_EVERY_TAIL = "-step99999999"  # the longest suffix save_every adds to output_name
 STATES_DIR = "lora_lab_states"  # in ComfyUI's output folder: resumable states, never among the LoRAs
 
 
@@ -120,7 +122,7 @@ class LoRALabTrain:
         if _picked(start_from_lora) and _picked(resume_from_state):
             return "resume_from_state: pick either start_from_lora (weights only) or resume_from_state (the whole run), not both."
         try:  # it also names the files save_every writes into the loras folder
-            safe_child_path(folder_paths.get_folder_paths("loras")[0], output_name, field="output_name")
+            safe_child_path(folder_paths.get_folder_paths("loras")[0], output_name, field="output_name", tail=SAVE_EVERY_TAIL)
         except ConfigError as e:
             return str(e)
         return True
@@ -147,9 +149,9 @@ class LoRALabTrain:
     @staticmethod
     def _fingerprint(model, dataset, spec: TrainingSpec, clip, start_from_lora) -> dict[str, str]:
         """What a session is built from, part by part, so a new start can say which part changed."""
-        parts = {"model": module_fingerprint(model.model.diffusion_model), "dataset": dataset.fingerprint, **spec.parts()}
+        parts = {"model": patcher_fingerprint(model), "dataset": dataset.fingerprint, **spec.parts()}
         if spec.network.train_text_encoder and clip is not None:
-            parts["text_encoder"] = module_fingerprint(clip.cond_stage_model)
+            parts["text_encoder"] = encoder_fingerprint(clip, "cond_stage_model")
         if _picked(start_from_lora):
             st = Path(loras_file(start_from_lora, "start_from_lora")).stat()
             parts["start_from_lora"] = f"{start_from_lora}:{st.st_size}:{st.st_mtime_ns}"

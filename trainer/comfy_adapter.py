@@ -20,7 +20,9 @@ MODEL output of the Train node, `apply_lora` patches a *clone*, like ComfyUI's L
 from __future__ import annotations
 
 import logging
+import re
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -528,8 +530,27 @@ def family_name(model) -> str:
         return type(model.model_config).__name__
 
 
-def lora_fit(model, clip, weights: dict[str, torch.Tensor]) -> tuple[int, int]:
-    """(weights that fit, weights whose names match) when `apply_lora` applies this LoRA.
+# What follows a module's name in a LoRA file's keys, for every adapter kind ComfyUI reads.
+_ADAPTER_PART = re.compile(
+    r"\.(lora_up|lora_down|lora_mid|lora_A|lora_B|lora\.up|lora\.down|lora_linear_layer\.up|lora_linear_layer\.down"
+    r"|alpha|dora_scale|hada_\w+|lokr_\w+|oft_\w+|diff|diff_b|set_weight|reshape_weight|w_norm|b_norm|rescale|on_input)(\.weight)?$"
+)
+
+
+@dataclass(frozen=True)
+class LoRAFit:
+    modules: int  # modules in the file (that can apply: without a CLIP, the UNet part)
+    matched: int  # of those, names the MODEL/CLIP has (ComfyUI's key maps)
+    fit: int  # of those, with the layer's sizes
+
+
+def lora_modules(weights) -> set[str]:
+    """The module names of a LoRA file's keys ("lora_unet_x.lora_up.weight" -> "lora_unet_x")."""
+    return {k[: m.start()] if (m := _ADAPTER_PART.search(k)) else k for k in weights}
+
+
+def lora_fit(model, clip, weights: dict[str, torch.Tensor]) -> LoRAFit:
+    """How much of this LoRA `apply_lora` would really apply.
 
     Names are matched by ComfyUI's own key maps, and a kohya lora_up / lora_down pair fits when
     its outer sizes are the layer's. A LoRA made for another model family fits nothing: ComfyUI
@@ -547,8 +568,10 @@ def lora_fit(model, clip, weights: dict[str, torch.Tensor]) -> tuple[int, int]:
         patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
     except TypeError:  # a ComfyUI without the log_missing switch (it then only logs)
         patches = comfy.lora.load_lora(converted, key_map)
+    modules = lora_modules(converted)
     fit = sum(1 for key, patch in patches.items() if _patch_fits(patch, key, shapes))
-    return fit, len(patches)
+    matched = max(len(patches), sum(1 for m in modules if m in key_map))
+    return LoRAFit(max(len(modules), matched), matched, fit)
 
 
 def _patch_fits(patch, key, shapes: dict) -> bool:

@@ -15,22 +15,7 @@ DatasetConfig(resolution=512, bucket=True, min_bucket=0, max_bucket=0, default_r
     at resolution 512, kohya's defaults); `min_bucket_side` / `max_bucket_side` give the values used.
     Augmentations (flip, random_crop, rotation, color jitter, caption shuffle / dropout) need
     variants >= 2: latents are cached per variant and variant 0 is always the plain image.
-ImageEntry(path, caption_path, repeats, subfolder); `.name` is "subfolder/file.png"
-scan_folder(folder, caption_extension=".txt") -> list[ImageEntry]
-    kohya layout: images under a sub-folder named `10_name` get repeats=10 (the nearest such folder
-    counts); other images get repeats=None, meaning config.default_repeats. Accepted extensions are
-    IMAGE_EXTENSIONS (any case); hidden files and folders (".name") are skipped. Sorted by the path
-    relative to `folder`, so the order never depends on the filesystem.
-load_image(path) -> PIL.Image.Image, mode RGB, 8-bit
-    EXIF orientation applied. Transparent pixels (RGBA, LA, P with transparency) are composited
-    on WHITE: the model never sees the arbitrary colours hidden under alpha = 0. 16-bit images are
-    scaled to 8 bits (65535 -> 255), not clipped. CMYK, palette, grayscale and 1-bit become RGB.
-    Images above MAX_IMAGE_PIXELS (8192 x 8192) and unreadable / truncated files raise ConfigError
-    (field "folder") naming the file.
-read_caption(path, warnings=None) -> str
-    UTF-8 (a BOM is dropped; UTF-16 with a BOM is read too); other bytes are read as Windows-1252
-    (Latin-1 as the last resort) and a warning is appended to `warnings`. Whitespace, newlines
-    included, is collapsed to single spaces. A missing file or path None gives "".
+ImageEntry, scan_folder, load_image, read_caption, IMAGE_EXTENSIONS: see trainer/images.py (re-exported here).
 bucket_size(width, height, config) -> (w, h)
     kohya's aspect-ratio buckets: sides are multiples of 64 within [min_bucket_side,
     max_bucket_side], area <= resolution**2, and the bucket whose aspect ratio is nearest (in log
@@ -47,7 +32,8 @@ caption_variant(caption, config, rng=None) -> str
     shuffled when shuffle_captions; the trigger word is always kept in place and counts as one of
     the keep_tokens (keep_tokens=1 keeps just the trigger). With probability caption_dropout the
     result is "" (the whole caption is dropped, as kohya does). rng=None gives the plain caption.
-build_items(entries, config) -> (list[PreparedItem], DatasetStats)
+build_items(entries, config, each=None) -> (list[PreparedItem], DatasetStats)
+    each(entry, item): called as each item is ready (the node encodes it there, one at a time)
 PreparedItem(name, repeats, size, images, captions, content_hash)
     images / captions: one per variant; variant 0 is always the un-augmented image with the plain
     caption (trigger word added, no shuffle, no dropout). Variants alternate unflipped / flipped
@@ -57,19 +43,18 @@ PreparedItem(name, repeats, size, images, captions, content_hash)
     pixels; the cache key for latents and conditioning (repeats and file names are not in it).
 DatasetStats(count, total_with_repeats, buckets, warnings); `.to_text()` is a short summary for the
     node UI. Warnings (one line per kind, naming the files): tiny images, images upscaled > 2x,
-    identical files, missing or empty captions, caption files without an image, non-UTF-8 captions.
+    identical files, missing or empty captions, caption files without an image, non-UTF-8 captions,
+    animated images (their first frame is trained).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
 import random
 import re
-import warnings as _py_warnings
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -78,21 +63,20 @@ import torch
 from PIL import Image, ImageOps
 
 from .errors import ConfigError
+from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, ImageEntry, _decode, _hidden, load_image, read_caption, scan_folder  # noqa: F401 (re-exported)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-MAX_IMAGE_PIXELS = 8192 * 8192
 TINY_SIDE = 256  # below this on a side an image carries little detail at any SD resolution
 MAX_UPSCALE = 2.0
 _MAX_VARIANTS = 16
 _MAX_ROTATION = 15.0
 _MAX_JITTER = 0.3
 # Part of every content_hash: bump it when the preprocessing changes so stale caches are not reused.
-_PREPROCESS_VERSION = 1
+_PREPROCESS_VERSION = 2  # 2: extreme aspect ratios scale only the cropped part
 _LANCZOS = getattr(Image, "Resampling", Image).LANCZOS
 _BICUBIC = getattr(Image, "Resampling", Image).BICUBIC
 _AFFINE = getattr(Image, "Transform", Image).AFFINE
-_REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
 _LISTED = 5  # file names shown per warning line
+_MAX_SPARE = 4  # an image scaled to more than this many times the crop's area is cropped first
 
 
 # --- configuration ------------------------------------------------------------------------------
@@ -232,202 +216,6 @@ class DatasetConfig:
         return [name for name, active in on.items() if active]
 
 
-# --- scanning -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageEntry:
-    path: str
-    caption_path: str | None
-    repeats: int | None  # None: use DatasetConfig.default_repeats
-    subfolder: str  # relative to the scanned folder, "/"-separated; "" for the folder itself
-
-    @property
-    def name(self) -> str:
-        base = os.path.basename(self.path)
-        return f"{self.subfolder}/{base}" if self.subfolder else base
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _resolve_folder(folder) -> str:
-    if not isinstance(folder, str) or not folder.strip():
-        raise ConfigError("folder", "is empty; enter the path of the folder that holds your training images.")
-    # Quotes come with paths pasted from "Copy as path" on Windows.
-    raw = folder.strip().strip('"').strip("'")
-    path = os.path.abspath(os.path.expanduser(raw))
-    if not os.path.exists(path):
-        hint = "" if os.path.isabs(os.path.expanduser(raw)) else (
-            f" (a relative path is looked up from ComfyUI's working folder {os.getcwd()}; use a full path)"
-        )
-        raise ConfigError("folder", f"no folder at {path}{hint}. Check the spelling and that the drive is mounted.")
-    if not os.path.isdir(path):
-        raise ConfigError("folder", f"{path} is a file, not a folder; give the folder that contains the images.")
-    return path
-
-
-def _repeats_for(parts: list[str], root: str) -> int | None:
-    for part in reversed(parts):  # the nearest '10_name' folder wins
-        m = _REPEATS_FOLDER.match(part)
-        if m:
-            repeats = int(m.group(1))
-            if repeats < 1:
-                raise ConfigError(
-                    "folder",
-                    f"sub-folder {part!r} in {root} asks for 0 repeats; rename it to '1_{m.group(2)}' or "
-                    "more, or move it out of the dataset folder.",
-                )
-            return repeats
-    return None
-
-
-def scan_folder(folder: str, caption_extension: str = ".txt") -> list[ImageEntry]:
-    """Training images under `folder` (recursively), with their caption file and kohya repeats."""
-    root = _resolve_folder(folder)
-    ext = caption_extension.lower()
-    entries: list[ImageEntry] = []
-    n_files = n_captions = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not _hidden(d)]
-        files = [f for f in filenames if not _hidden(f)]
-        n_files += len(files)
-        captions = {f.lower(): f for f in files if f.lower().endswith(ext)}
-        n_captions += len(captions)
-        rel = os.path.relpath(dirpath, root)
-        parts = [] if rel == "." else rel.split(os.sep)
-        repeats = _repeats_for(parts, root)
-        for f in files:
-            stem, suffix = os.path.splitext(f)
-            if suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            caption = captions.get((stem + ext).lower())
-            entries.append(
-                ImageEntry(
-                    path=os.path.join(dirpath, f),
-                    caption_path=os.path.join(dirpath, caption) if caption else None,
-                    repeats=repeats,
-                    subfolder="/".join(parts),
-                )
-            )
-    if not entries:
-        accepted = ", ".join(IMAGE_EXTENSIONS)
-        if n_captions:
-            found = f"found {n_captions} caption file(s) ({caption_extension}) but no images"
-        else:
-            found = f"found {n_files} file(s), none of them an image"
-        raise ConfigError("folder", f"{found} in {root} (sub-folders included). Accepted images: {accepted}.")
-    entries.sort(key=lambda e: e.name)
-    return entries
-
-
-# --- loading ------------------------------------------------------------------------------------
-
-
-def _file_error(path: str, problem: str) -> ConfigError:
-    return ConfigError(
-        "folder",
-        f"{path}: {problem}. Re-save it with an image editor, or remove it from the dataset folder.",
-    )
-
-
-def _sixteen_bit_to_8(img: Image.Image) -> Image.Image:
-    a = np.asarray(img).astype(np.float64)
-    if img.mode == "F":
-        lo, hi = (0.0, 1.0) if a.min() >= 0 and a.max() <= 1 else (float(a.min()), float(a.max()))
-    elif a.min() >= 0 and a.max() <= 65535:
-        lo, hi = 0.0, 65535.0  # 16-bit data (a 16-bit PNG opens as I;16 or I): scale, don't clip
-    else:
-        lo, hi = float(a.min()), float(a.max())  # 32-bit data has no standard white: use its range
-    scaled = (a - lo) * (255.0 / max(hi - lo, 1e-12))
-    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
-
-
-def _on_white(img: Image.Image) -> Image.Image:
-    rgba = img.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        return _sixteen_bit_to_8(img).convert("RGB")
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
-        return _on_white(img)
-    return img.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
-
-
-def _decode(data: bytes, path: str) -> Image.Image:
-    try:
-        with _py_warnings.catch_warnings():
-            # Our own, lower limit is checked below; Pillow's warning would only repeat it.
-            _py_warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise ConfigError(
-            "folder",
-            f"{path} declares a size far above the limit of {MAX_IMAGE_PIXELS:,} pixels (8192x8192), too large "
-            "to open safely; scale it down (training uses 512-2048 px anyway) or remove it.",
-        ) from None
-    except Image.UnidentifiedImageError:
-        raise _file_error(path, "not an image file Pillow can read (empty, or another format renamed)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise _file_error(path, f"the header is corrupt ({e})") from None
-    w, h = img.size  # known from the header: checked before decoding the pixels
-    if w * h > MAX_IMAGE_PIXELS:
-        raise ConfigError(
-            "folder",
-            f"{path} is {w}x{h} pixels, above the limit of {MAX_IMAGE_PIXELS:,} pixels; "
-            "scale it down (training uses 512-2048 px anyway) or remove it.",
-        )
-    try:
-        img.load()
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise _file_error(path, f"the image is truncated or corrupt ({e})") from None
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not stop training; orientation is then as stored
-        pass
-    return _to_rgb(img)
-
-
-def load_image(path: str) -> Image.Image:
-    """The image at `path` as 8-bit RGB, oriented as EXIF says; see the module docstring."""
-    with open(path, "rb") as f:
-        return _decode(f.read(), path)
-
-
-def _decode_text(data: bytes) -> tuple[str, str | None]:
-    """(text, encoding used when it was not UTF-8)."""
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16"), None  # Notepad's "Unicode"
-    try:
-        return data.decode("utf-8-sig"), None
-    except UnicodeDecodeError:
-        pass
-    try:
-        return data.decode("cp1252"), "Windows-1252"
-    except UnicodeDecodeError:
-        return data.decode("latin-1"), "Latin-1"  # every byte is valid Latin-1
-
-
-def read_caption(path: str | None, warnings: list[str] | None = None) -> str:
-    """The caption text, whitespace collapsed; "" when `path` is None or missing."""
-    if path is None or not os.path.isfile(path):
-        return ""
-    with open(path, "rb") as f:
-        text, fallback = _decode_text(f.read())
-    if fallback and warnings is not None:
-        warnings.append(
-            f"caption {path} is not UTF-8; read it as {fallback}. If characters look wrong, re-save it as UTF-8."
-        )
-    return " ".join(text.split())
-
-
 # --- sizes and pixels ---------------------------------------------------------------------------
 
 
@@ -498,11 +286,20 @@ def _crop(img: Image.Image, size: tuple[int, int], d: _Draws) -> Image.Image:
     scale = _cover_scale(img.width, img.height, (ew, eh))
     W = max(math.ceil(ew), round(img.width * scale))
     H = max(math.ceil(eh), round(img.height * scale))
-    if (W, H) != img.size:
-        img = img.resize((W, H), _LANCZOS)
     left, top = (W - ew) * d.crop_x, (H - eh) * d.crop_y
     if not d.angle:
         left, top = round(left), round(top)
+    if W * H > _MAX_SPARE * math.ceil(ew) * math.ceil(eh):
+        # Most of the scaled image would be cropped away (an 8192x1 strip scaled to cover 256 px
+        # rows is gigabytes): scale only the part the crop takes.
+        sx, sy = W / img.width, H / img.height
+        cw, ch = math.ceil(ew), math.ceil(eh)
+        box = (left / sx, top / sy, min(img.width, (left + cw) / sx), min(img.height, (top + ch) / sy))
+        img = img.resize((cw, ch), _LANCZOS, box=box)
+        left = top = 0
+    elif (W, H) != img.size:
+        img = img.resize((W, H), _LANCZOS)
+    if not d.angle:
         return img.crop((left, top, left + bw, top + bh))
     cx, cy = left + ew / 2, top + eh / 2
     cos, sin = math.cos(rad), math.sin(rad)
@@ -627,11 +424,11 @@ def _orphan_captions(entries: list[ImageEntry], ext: str) -> list[str]:
     return orphans
 
 
-def _prepare_one(entry: ImageEntry, config: DatasetConfig, caption_warnings: list[str]):
+def _prepare_one(entry: ImageEntry, config: DatasetConfig, caption_warnings: list[str], animated: list[str]):
     with open(entry.path, "rb") as f:
         data = f.read()
     file_hash = hashlib.sha256(data).hexdigest()
-    img = _decode(data, entry.path)
+    img = _decode(data, entry.path, animated)
     size = bucket_size(img.width, img.height, config)
     caption = read_caption(entry.caption_path, caption_warnings)
     images, captions = [], []
@@ -651,15 +448,21 @@ def _prepare_one(entry: ImageEntry, config: DatasetConfig, caption_warnings: lis
     return item, file_hash, img.size, caption
 
 
-def build_items(entries: list[ImageEntry], config: DatasetConfig) -> tuple[list[PreparedItem], DatasetStats]:
-    """Loads, sizes and augments every entry; returns the items and a report for the user."""
+def build_items(entries: list[ImageEntry], config: DatasetConfig, each=None) -> tuple[list[PreparedItem], DatasetStats]:
+    """Loads, sizes and augments every entry; returns the items and a report for the user.
+
+    each(entry, item), when given, is called as soon as an item is ready (before the next file is
+    read): the caller encodes it there, and whatever `each` raises (a Cancel) stops here.
+    """
     items: list[PreparedItem] = []
     caption_warnings: list[str] = []
     seen: dict[str, str] = {}
-    duplicates, tiny, upscaled, uncaptioned = [], [], [], []
+    duplicates, tiny, upscaled, uncaptioned, animated = [], [], [], [], []
     for entry in entries:
-        item, file_hash, (w, h), caption = _prepare_one(entry, config, caption_warnings)
+        item, file_hash, (w, h), caption = _prepare_one(entry, config, caption_warnings, animated)
         items.append(item)
+        if each is not None:
+            each(entry, item)
         if file_hash in seen:
             duplicates.append(f"{seen[file_hash]} = {entry.name}")
         seen.setdefault(file_hash, entry.name)
@@ -677,6 +480,9 @@ def build_items(entries: list[ImageEntry], config: DatasetConfig) -> tuple[list[
     if upscaled:
         warnings.append(f"{len(upscaled)} image(s) are enlarged more than {MAX_UPSCALE:g}x to fit their bucket: "
                         f"{_names(upscaled)}. Use larger originals or a lower resolution.")
+    if animated:
+        warnings.append(f"{len(animated)} animated image(s) are trained on their first frame only: {_names(animated)}. "
+                        "To train another frame, export it as a PNG.")
     if duplicates:
         warnings.append(f"{len(duplicates)} identical file(s), trained twice as often: {_names(duplicates)}. "
                         "Remove the copies unless that is intended.")

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from .network import NetworkConfig
 
 from .errors import ConfigError, LoRALabError
+from .paths import temp_name
 
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
@@ -216,7 +217,7 @@ def _write_all(fileobj, data: bytes) -> None:
 
 
 def _temp_prefix(target: Path) -> str:
-    return f".{target.name}.tmp-"
+    return temp_name(target.name)
 
 
 def _remove_stale_temps(target: Path) -> None:
@@ -255,7 +256,7 @@ def _process_alive(pid: int) -> bool:
 
 def atomic_write(target: Path, data: bytes) -> None:
     folder = target.parent
-    tmp = folder / f"{_temp_prefix(target)}{os.getpid()}"
+    tmp = folder / temp_name(target.name, os.getpid())
     _remove_stale_temps(target)
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,8 @@ _K1 = 0.01
 _K2 = 0.03
 
 
+SSIM_WINDOW = 11  # taps of the Gaussian SSIM window (scikit-image's and the paper's default)
+
 def _to_batch(a, b) -> tuple[torch.Tensor, torch.Tensor]:
     """Both inputs as float64 [B, C, H, W] CPU tensors, after checking they match."""
     ta, tb = _as_tensor(a, "first image"), _as_tensor(b, "second image")
@@ -111,7 +113,7 @@ def _blur(x: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, taps.view(1, 1, k, 1))
 
 
-def ssim_batch(a, b, data_range: float = 1.0, win_size: int = 11, sigma: float = 1.5) -> list[float]:
+def ssim_batch(a, b, data_range: float = 1.0, win_size: int = SSIM_WINDOW, sigma: float = 1.5) -> list[float]:
     """Mean SSIM for each image pair of a batch (or a single pair), channels averaged."""
     data_range = _check_range(data_range)
     if not isinstance(win_size, int) or win_size < 1 or win_size % 2 == 0:
@@ -142,6 +144,6 @@ def ssim_batch(a, b, data_range: float = 1.0, win_size: int = 11, sigma: float =
     return per_channel.mean(dim=1).tolist()
 
 
-def ssim(a, b, data_range: float = 1.0, win_size: int = 11, sigma: float = 1.5) -> float:
+def ssim(a, b, data_range: float = 1.0, win_size: int = SSIM_WINDOW, sigma: float = 1.5) -> float:
     """Structural similarity of two images (1.0 when identical)."""
     return _single(ssim_batch(a, b, data_range, win_size, sigma), "ssim")

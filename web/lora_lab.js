@@ -6,7 +6,8 @@
 //   is kept in node.properties.lora_lab_chart, so it survives a page reload with the workflow.
 // * LoRALabOptimizer: a preview of the LR schedule, computed by the server (POST
 //   /lora_lab/schedule_preview, the same function the trainer uses), redrawn as the widgets change.
-// * LoRALabDataset: the dataset summary (output.text) in a read-only text box.
+// * LoRALabDataset: the dataset summary (output.text) in a read-only text box; LoRALabApplyLoRA and
+//   LoRALabStrengthSweep show their warning (output.text) the same way.
 // * A deleted LoRALabTrain node tells the server (POST /lora_lab/release), which frees its training
 //   session; clearing the graph to load another workflow does not.
 //
@@ -932,12 +933,12 @@ function setupOptimizerNode(node) {
 
 // --- LoRALabDataset
 
-function setupDatasetNode(node) {
+function setupDatasetNode(node, placeholder = "Dataset stats appear here after a run.", kind = "dataset-summary") {
   const area = document.createElement("textarea");
   area.className = "comfy-multiline-input";
   area.readOnly = true;
-  area.placeholder = "Dataset stats appear here after a run.";
-  area.dataset.loraLab = "dataset-summary";
+  area.placeholder = placeholder;
+  area.dataset.loraLab = kind;
   area.style.cssText = "font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11px;line-height:1.35;resize:none;opacity:0.9;";
   const widget = node.addDOMWidget("lora_lab_summary", "lora_lab_summary", area, {
     hideOnZoom: false,
@@ -966,6 +967,19 @@ function onDatasetExecuted(node, output) {
   node.properties = node.properties || {};
   node.properties[SUMMARY_PROP] = s.slice(0, 4000);
   markChanged();
+}
+
+// --- LoRALabApplyLoRA, LoRALabStrengthSweep: a warning (a LoRA that only partly fits) in a text box,
+// added when the first one arrives and emptied by a run without one.
+function onWarningExecuted(node, output) {
+  const text = output && output.text;
+  const s = text == null ? "" : Array.isArray(text) ? text.map(String).join("\n") : String(text);
+  if (!s && !node._loraLabSummary) return;
+  if (!node._loraLabSummary) {
+    setupDatasetNode(node, "", "node-warning");
+    fitNode(node, 0);
+  }
+  node._loraLabSummary(s);
 }
 
 // ------------------------------------------------------------------ session release
@@ -1039,6 +1053,10 @@ app.registerExtension({
       });
       chain(nodeType.prototype, "onDrawForeground", function () {
         this._loraLabCheck?.();
+      });
+    } else if (name === "LoRALabApplyLoRA" || name === "LoRALabStrengthSweep") {
+      chain(nodeType.prototype, "onExecuted", function (output) {
+        onWarningExecuted(this, output);
       });
     } else if (name === "LoRALabDataset") {
       chain(nodeType.prototype, "onNodeCreated", function () {

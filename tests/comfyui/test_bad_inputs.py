@@ -106,6 +106,10 @@ def write_loras(folder: Path) -> None:
     # SD1.5 names on a wider model than this one (640 instead of 320 channels)
     lora_file(folder / "wrong_sizes.safetensors", {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (640, 640)})
     (folder / "corrupt.safetensors").write_bytes(b"\x07\x00garbage, not a safetensors header" * 10)
+    # 3 of 4 modules are this SD1.5 model's layers; 1 of 4 (fewer than half)
+    fits = {f"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_{p}": (320, 320) for p in ("q", "k", "v")}
+    lora_file(folder / "partial_fit.safetensors", dict(fits, lora_unet_not_in_this_model_proj=(320, 320)))
+    lora_file(folder / "mostly_foreign.safetensors", {**dict(list(fits.items())[:1]), **{f"lora_unet_foreign_{i}": (64, 64) for i in range(3)}})
 
 
 # ---------------------------------------------------------------- server
@@ -272,6 +276,15 @@ REFUSED = {
     "strengths_empty": (lambda s: graph(strengths=" , ;"), [SWEEP_SAVE], SWEEP, "strengths", ["give 1 to 16", "got 0"]),
     "save_filename_leaves_folder": (lambda s: graph(SAVE, "filename", "../../escaped"), [SAVE], SAVE, "filename", ["'..'", "stay inside the folder"]),
     "output_name_leaves_folder": (lambda s: graph(TRAIN, "output_name", "../outside"), [TRAIN], TRAIN, "output_name", ["'..'", "stay inside the folder"]),
+    # Names whose longest file (with _N, .safetensors, the temp name, save_every's -stepN) exceeds 255 bytes
+    "save_filename_300_ascii_bytes": (lambda s: graph(SAVE, "filename", "a" * 300), [SAVE], SAVE, "filename", ["300 bytes long", "255-byte limit", "Use at most"]),
+    "save_filename_300_utf8_bytes": (lambda s: graph(SAVE, "filename", "猫" * 100), [SAVE], SAVE, "filename", ["300 bytes long", "255-byte limit"]),
+    "save_filename_240_bytes": (lambda s: graph(SAVE, "filename", "b" * 240), [SAVE], SAVE, "filename", ["240 bytes long", "temp file name"]),
+    "output_name_243_bytes": (lambda s: graph(TRAIN, "output_name", "é" * 120 + "abc"), [TRAIN], TRAIN, "output_name", ["243 bytes long", "-step99999999"]),
+    "save_filename_reserved_con": (lambda s: graph(SAVE, "filename", "CON"), [SAVE], SAVE, "filename", ["'CON'", "Windows reserves"]),
+    "save_filename_reserved_nul_in_folder": (lambda s: graph(SAVE, "filename", "nul/my_lora"), [SAVE], SAVE, "filename", ["'nul'", "Windows reserves"]),
+    "output_name_reserved_com1": (lambda s: graph(TRAIN, "output_name", "COM1"), [TRAIN], TRAIN, "output_name", ["'COM1'", "Windows reserves"]),
+    "save_filename_trailing_dot": (lambda s: graph(SAVE, "filename", "my_lora."), [SAVE], SAVE, "filename", ["'my_lora.'", "ends with a dot or a space"]),
     "apply_strength_nan": (lambda s: apply_graph(strength=float("nan"), lora_name="random_keyed.safetensors"), [SAMPLE_OUT], APPLY,
                            "strength", ["from -10 to 10", "got nan"]),
 }
@@ -280,7 +293,9 @@ REFUSED = {
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_refused_before_running(srv, case):
     build, targets, node, field, expected = REFUSED[case]
+    log_before = len(srv.log_text())
     rejected(srv, build(srv), targets, node, field, *expected)
+    assert "Traceback" not in srv.log_text()[log_before:], srv.log_text()[log_before:]
 
 
 # ---------------------------------------------------------------- stopped by the node, with the field
@@ -323,6 +338,8 @@ STOPPED = {
                                 ["none of its layer names exist", "Pick a LoRA"]),
     "apply_lora_of_other_sizes": (lambda s: apply_graph(lora_name="wrong_sizes.safetensors"), [SAMPLE_OUT], APPLY, "lora_name",
                                   ["1 of its 1 layers have other sizes", "Pick a LoRA"]),
+    "apply_mostly_foreign_lora": (lambda s: apply_graph(lora_name="mostly_foreign.safetensors"), [SAMPLE_OUT], APPLY, "lora_name",
+                                  ["3 of its 4 layer names don't exist in this SD1.5 MODEL", "1 of its 4 modules fit", "Pick a LoRA"]),
     "apply_corrupt_lora_file": (lambda s: apply_graph(lora_name="corrupt.safetensors"), [SAMPLE_OUT], APPLY, "lora_name",
                                 ["corrupt.safetensors", "not a readable safetensors file", "Pick another file"]),
     "apply_without_any_lora": (lambda s: apply_graph(), [SAMPLE_OUT], APPLY, "lora", ["connect a trained LoRA or pick a file in lora_name"]),
@@ -425,6 +442,22 @@ def test_more_captions_than_images_warns_naming_the_orphans(handled):
     entry, path = handled
     text = dataset_text(entry)
     assert f"1 caption file(s) have no image next to them: {path / 'ghost.txt'}" in text, text
+
+
+def test_a_quoted_absolute_path_trains(srv):
+    """Windows' "Copy as path" puts quotes around the path; spaces around it come with pasting."""
+    make_dataset(srv.input_dir / "quoted dir", n=2, size=64, seed=3)
+    entry = run(srv, graph(dataset=f'  "{srv.input_dir / "quoted dir"}"  ', output_name="quoted"), [TRAIN])
+    assert status_str(entry) == "success", execution_error(entry)
+    assert dataset_text(entry).startswith("2 images"), dataset_text(entry)
+
+
+def test_a_partly_fitting_lora_is_applied_with_a_warning_counting_its_modules(srv):
+    entry = run(srv, apply_graph(lora_name="partial_fit.safetensors"), [SAMPLE_OUT])
+    assert status_str(entry) == "success", execution_error(entry)
+    [warning] = entry["outputs"][APPLY]["text"]
+    assert "only 3 of this LoRA's 4 modules fit this SD1.5 MODEL" in warning, warning
+    assert "1 of its 4 layer names don't exist" in warning and "skips the rest" in warning, warning
 
 
 # ---------------------------------------------------------------- and the server still serves

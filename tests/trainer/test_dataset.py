@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer import dataset
+from trainer import dataset, images
 from trainer.dataset import (
     DatasetConfig,
     bucket_size,
@@ -90,9 +90,12 @@ def test_kohya_repeats_sorted_order_and_extension_filter(tmp_path):
     save(tmp_path / "10_cat" / ".hidden.png")
     save(tmp_path / ".thumbs" / "e.png")
     (tmp_path / "notes.md").write_text("x")
-    (tmp_path / "10_cat" / "anim.gif").write_bytes(b"GIF89a")
+    (tmp_path / "10_cat" / "clip.mp4").write_bytes(b"\0" * 16)
 
-    entries = scan_folder(str(tmp_path))
+    skipped = []
+    entries = scan_folder(str(tmp_path), skipped=skipped)
+    assert skipped == [f"{tmp_path / 'notes.md'} (not an image type LoRA Lab reads)",
+                       f"{tmp_path / '10_cat' / 'clip.mp4'} (not an image type LoRA Lab reads)"]
     assert [e.name for e in entries] == ["10_cat/a.JPG", "10_cat/b.png", "3_dog/deep/c.webp", "misc/d.jpeg", "plain.bmp"]
     assert [e.repeats for e in entries] == [10, 10, 3, None, None]
     assert entries[1].caption_path == str(tmp_path / "10_cat" / "b.txt")
@@ -215,7 +218,7 @@ def test_truncated_and_fake_images_name_the_file(tmp_path):
 
 def test_huge_images_are_refused_before_decoding(tmp_path, monkeypatch):
     p = save(tmp_path / "big.png", size=(300, 200))
-    monkeypatch.setattr(dataset, "MAX_IMAGE_PIXELS", 100 * 100)
+    monkeypatch.setattr(images, "MAX_IMAGE_PIXELS", 100 * 100)
     with pytest.raises(LoRALabError, match=r"big\.png is 300x200"):
         load_image(str(p))
 
