@@ -196,7 +196,7 @@ def _validation(history: History) -> _Validation:
         best_step=int(steps[best]),
         best_loss=float(losses[best]),
         rise=float(losses[-1] / losses[best] - 1.0),
-        tail_share=tail_fall / total_fall if total_fall > 0 else 0.0,
+        tail_share=float(tail_fall / total_fall) if total_fall > 0 else 0.0,
         damaged_since=since,
     )
 
