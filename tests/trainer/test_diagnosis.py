@@ -227,3 +227,38 @@ def test_every_diagnosis_is_complete_and_json_safe(level):
     assert d.headline and d.advice
     text = json.dumps(d.evidence, allow_nan=False)
     assert "relative_drop" in text and "rollbacks" in text
+
+
+def issue_history(val_values, lr_of_step, train_level, rollbacks=()):
+    """80 steps, validation every 8 (10 passes per run), base measured at step 0."""
+    steps = np.arange(1, 81)
+    h = History()
+    for step, loss in zip(steps, noisy(np.asarray([train_level(s) for s in steps], dtype=float), 3, rel=0.6)):
+        h.record(int(step), float(loss), lr_of_step(step), 0)
+    for step, loss in zip(range(0, 81, 8), val_values):
+        h.record_validation(step, loss)
+    h.base_val_loss = val_values[0]
+    for r in rollbacks:
+        h.record_rollback(*r)
+    return h
+
+
+def test_the_issues_destroyed_run_is_diverged_five_times_worse_with_its_rollbacks():
+    # AdamW constant lr 0.5: training 0.5 -> 1.3 in 3 steps then ~1.0, validation 0.18 -> ~1.0,
+    # the NaN guard halved the LR twice. It used to be called "overfitting".
+    val = [0.18, 0.92, 1.0, 0.97, 1.02, 0.99, 1.0, 0.98, 1.01, 0.99, 1.0]
+    h = issue_history(val, lambda s: 0.5, lambda s: 0.5 if s <= 2 else 1.0, rollbacks=[(4, 0, 0.5), (9, 0, 0.25)])
+    d = diagnose(h, total_steps=80)
+    assert d.verdict == "diverged", d.evidence
+    assert d.headline.startswith("Diverged: validation is 5.6x worse than the base model since step 8; the learning rate is far too high.")
+    assert "rolled back 2 times (step 4, 9) and lowered the LR to 0.25x the plan" in d.headline
+
+
+def test_the_issues_slow_healthy_run_is_learning_slowly_not_a_plateau():
+    # lr 2e-4 cosine: validation 0.184 -> 0.175 steadily, per-step loss noisy around 0.2.
+    val = list(np.linspace(0.184, 0.175, 11))
+    cosine = lambda s: 2e-4 * 0.5 * (1 + math.cos(math.pi * (s - 1) / 80))  # noqa: E731
+    d = diagnose(issue_history(val, cosine, lambda s: 0.2), total_steps=80)
+    assert d.verdict == "learning", d.evidence
+    assert d.headline.startswith("Learning (slowly): validation is 4.9% better than the base model")
+    assert not any("unet_lr" in a for a in d.advice)

@@ -176,17 +176,17 @@ def test_nan_guard_rollbacks_are_recorded_in_the_history():
 
 
 def test_base_validation_is_the_model_without_the_lora_measured_once_and_kept_on_resume():
-    s = make_session(steps=10, examples=make_examples(n=8), validation_split=0.25, validation_every=5)
+    s = make_session(steps=4, examples=make_examples(n=8), validation_split=0.25, validation_every=2)
     for lora in s.network.loras.values():  # as after start_from_lora: the LoRA is not zero at step 0
         torch.nn.init.normal_(lora.up.weight, std=0.5)
-    s.run(until_step=5)
+    s.run(until_step=2)
     base = s.history.base_val_loss
     s.network.strength = 0.0
     assert base == s.validation_loss()
     s.network.strength = 1.0
     assert base != s.history.val_loss[0]  # step 0 is not the base model here
     tensors, meta = s.state_dict()
-    resumed = make_session(steps=10, examples=make_examples(n=8), validation_split=0.25, validation_every=5)
+    resumed = make_session(steps=4, examples=make_examples(n=8), validation_split=0.25, validation_every=2)
     resumed.load_state_dict(tensors, meta)
     resumed.run()
     assert resumed.history.base_val_loss == base
