@@ -163,6 +163,7 @@ class _Validation:
     best_step: int
     best_loss: float
     rise: float  # last validation above the best one
+    rising: bool  # the last validation is the highest so far
     tail_share: float  # fall rate (per unit of LR) of the last half, as a share of the run's average
     damaged_since: int | None  # first validation from which all are VAL_DAMAGE above the reference
 
@@ -196,6 +197,7 @@ def _validation(history: History) -> _Validation:
         best_step=int(steps[best]),
         best_loss=float(losses[best]),
         rise=float(losses[-1] / losses[best] - 1.0),
+        rising=bool(losses[-1] >= losses[:-1].max()),
         tail_share=float(tail_fall / total_fall) if total_fall > 0 else 0.0,
         damaged_since=since,
     )
@@ -396,7 +398,7 @@ def _judge_validation(history, val: _Validation, train_rising, progress, rolled,
     """Verdicts read from at least MIN_VAL_POINTS validations that did not diverge."""
     steps_done = history.val_step[-1]
     gain = -val.change
-    if val.change >= VAL_CHANGE and (val.rise >= OVERFIT_MARGIN or train_rising):
+    if val.change >= VAL_CHANGE and ((val.rising and val.rise >= OVERFIT_MARGIN) or train_rising):
         return Diagnosis(
             "diverged",
             f"Getting worse: validation is {_times_worse(val.change)} than {val.reference_name} and rising; "
@@ -420,7 +422,23 @@ def _judge_validation(history, val: _Validation, train_rising, progress, rolled,
             evidence,
         )
     enough = steps_done >= NOT_LEARNING_MIN_STEPS and (progress is None or progress >= NOT_LEARNING_MIN_PROGRESS)
-    if not enough or val.change >= VAL_CHANGE:
+    if val.change >= VAL_CHANGE:
+        if enough:
+            return Diagnosis(
+                "diverged",
+                f"Damaging: validation is {_pct(val.change)} worse than {val.reference_name} after {steps_done} "
+                f"steps and not improving; the learning rate is probably too high.{rolled}",
+                [lower_lr, f"pick the checkpoint at step {val.best_step} (best validation)", "use more warmup steps"],
+                evidence,
+            )
+        return Diagnosis(
+            "warming_up",
+            f"Too early to judge: validation is {_pct(val.change)} worse than {val.reference_name} after "
+            f"{steps_done} steps.{rolled}",
+            [f"keep training; a verdict needs {NOT_LEARNING_MIN_STEPS} steps and 20 % of the run"],
+            evidence,
+        )
+    if not enough:
         return Diagnosis(
             "warming_up",
             f"No measurable change yet: validation is {val.change:+.1%} against {val.reference_name} after "

@@ -205,6 +205,22 @@ def test_no_measurable_change_early_in_a_long_run_is_warming_up():
     assert "No measurable change yet" in d.headline
 
 
+def test_validation_a_little_worse_than_the_base_and_flat_is_damaging_once_there_is_enough():
+    values = [0.120, 0.126, 0.1265, 0.126, 0.1262, 0.1261, 0.126, 0.1262, 0.1261]
+    d = diagnose(with_val(values), total_steps=STEPS)
+    assert d.verdict == "diverged"
+    assert d.headline.startswith("Damaging: validation is 5.1% worse than the base model after 400 steps")
+    early = diagnose(with_val(values), total_steps=STEPS * 10)
+    assert early.verdict == "warming_up" and "5.1% worse" in early.headline
+
+
+def test_validation_climbing_above_the_base_is_getting_worse_before_it_is_damaged():
+    values = [0.120, 0.122, 0.125, 0.128, 0.131, 0.134, 0.137, 0.140, 0.143]
+    d = diagnose(with_val(values), total_steps=STEPS * 10)
+    assert d.verdict == "diverged"
+    assert d.headline.startswith("Getting worse: validation is 19% worse than the base model and rising")
+
+
 def test_the_base_model_is_the_reference_not_the_first_validation():
     # After start_from_lora or a resume, step 0 already carries a LoRA.
     values = [0.100, 0.0995, 0.0990, 0.0985, 0.0980, 0.0975, 0.0970, 0.0965, 0.0960]
