@@ -10,7 +10,8 @@ the server.
 
 What is checked: the example workflow loads, the Dataset / Optimizer / Train nodes get their
 widgets, the schedule preview follows widget edits, queueing the workflow feeds the Train node's
-chart live (websocket progress events) and then with the full history and the diagnosis, the chart
+chart live (websocket progress events, with the base model's validation as the step-0 reference)
+and then with the full history and the diagnosis, the chart
 survives a page reload, and the extension logs no errors. The screenshot goes to
 test-artifacts/frontend_chart.png.
 """
