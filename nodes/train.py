@@ -213,7 +213,7 @@ class LoRALabTrain:
             if now - last_sent[0] >= MIN_MESSAGE_INTERVAL_S or info.step == until:
                 last_sent[0] = now
                 h = session.history
-                _send(PROGRESS_EVENT, {"node": str(unique_id), "step": info.step, "total": until, "loss": info.loss, "smoothed": h.smoothed[-1] if h.smoothed else None, "lr": info.lr, "eta_s": info.eta_seconds, "val_step": h.val_step[-1:], "val_loss": h.val_loss[-1:]})
+                _send(PROGRESS_EVENT, {"node": str(unique_id), "step": info.step, "total": until, "loss": info.loss, "smoothed": h.smoothed[-1] if h.smoothed else None, "lr": info.lr, "eta_s": info.eta_seconds, "val_step": h.val_step[-1:], "val_loss": h.val_loss[-1:], "base_val_loss": h.base_val_loss})
             if save_every and info.step % save_every == 0:
                 weights, metadata = recipe.lora_file(session, output_name)
                 path = save_into_loras(f"{output_name}-step{info.step:06d}", weights, metadata, session.precision.save_dtype, field="output_name")

@@ -10,7 +10,8 @@ Modules:
     precision  fp32 / bf16 / fp16 autocast, dynamic loss scaling, fp8 base weights
     objective  prediction types (eps, v, flow), loss weighting, timestep sampling, noise offset
     loop       the training loop: steps/epochs, accumulation, NaN guard, interrupt, resume
-    monitor    loss history, smoothing, validation, diagnosis of the loss curve
+    monitor    loss history, smoothing, validation plan and split
+    diagnosis  the verdict on a run, judged against the base model's validation loss
     io         kohya-format safetensors save/load with metadata, atomic writes
     metrics    PSNR and SSIM
     data       training examples, batches by bucket, repeats

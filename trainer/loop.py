@@ -43,7 +43,8 @@ import torch
 
 from .data import Example, _mix, batches_per_epoch, collate, epoch_batches
 from .errors import ConfigError, LoRALabError, TrainingError
-from .monitor import Diagnosis, History, diagnose, fixed_validation_plan, split_validation
+from .diagnosis import Diagnosis, diagnose
+from .monitor import History, fixed_validation_plan, split_validation
 from .memory import HOW_TO_FIT, is_out_of_memory
 from .network import LoRANetwork
 from .objective import add_noise_offset, per_sample_loss, sample_u, validate_for_prediction
@@ -158,6 +159,8 @@ class Session:
         total = max(until, self.cycles[-1][1])
         validate_every = self.train.validation_every or max(1, total // 10)
         started, started_step = time.perf_counter(), self.step
+        if self.val_examples and self.history.base_val_loss is None:
+            self.history.base_val_loss = self.base_validation_loss()
         if self.val_examples and not self.history.val_step:
             self.history.record_validation(self.step, self.validation_loss())
         while self.step < until:
@@ -300,6 +303,7 @@ class Session:
         self.bad_streak += 1
         self._restore_snapshot(self._snapshot)
         self.lr_scale *= self.train.lr_backoff
+        self.history.record_rollback(self.step, self._snapshot["step"], self.lr_scale)
         if self.bad_streak >= self.train.max_bad_steps:
             raise TrainingError(
                 f"training stopped: {self.bad_streak} steps in a row gave a non-finite (NaN/inf) loss or gradient, "
@@ -329,6 +333,16 @@ class Session:
         finally:
             self.network.train(was_training)
         return sum(losses) / len(losses)
+
+    def base_validation_loss(self) -> float | None:
+        """Validation loss of the model without the LoRA (strength 0): what the verdicts compare
+        against. None when it is not finite (then the first validation is the reference)."""
+        strength, self.network.strength = self.network.strength, 0.0
+        try:
+            loss = self.validation_loss()
+        finally:
+            self.network.strength = strength
+        return loss if math.isfinite(loss) else None
 
     def diagnosis(self) -> Diagnosis:
         return diagnose(self.history, self.total_steps)

@@ -1,43 +1,23 @@
-"""What training is doing: loss history, smoothing, validation plans and a diagnosis of the curve.
-
-The diagnosis reads the loss curve the way a LoRA tutorial teaches people to read it:
-"falling then flat" is good, "rising or jagged" means the learning rate is too high, "flat but high,
-like a student who always scores 61" means the LoRA is not learning, and validation loss rising
-while training loss falls means it is memorising the training images.
+"""What training is doing: loss history, smoothing, and the fixed validation plan.
 
 Public API:
-    History                         per-step loss, lr, smoothed loss, epoch, validation loss
+    History                         per-step loss, lr, smoothed loss, epoch, validation loss,
+                                    base_val_loss (the reference), rollbacks of the NaN guard
         .record(step, loss, lr, epoch)   a non-finite loss goes to `nan_steps` only
         .record_validation(step, loss)
+        .record_rollback(step, to_step, lr_scale)
         .epoch_means() -> dict[int, float]
         .to_dict() / History.from_dict(d)  JSON-safe, round-trips exactly
         .tail(n) -> dict                   like to_dict(), only the last n training points
-    Diagnosis                       verdict, headline, advice, evidence
-    VERDICTS                        every verdict `diagnose` can give
-    diagnose(history, total_steps=None) -> Diagnosis
     ValidationSample                (item_index, u, noise_seed)
     fixed_validation_plan(n_items, seed, sigma_fractions=(0.2, 0.4, 0.6, 0.8))
         -> list[ValidationSample]
     split_validation(n_items, fraction, seed) -> (train_idx, val_idx)
+    (the diagnosis of a History is in trainer/diagnosis.py)
 
 Smoothing is an exponential moving average with bias correction (the "debiased" EMA TensorBoard
-shows): s_t = beta * s_{t-1} + (1 - beta) * x_t with s_0 = 0, and the smoothed value shown at the
-t-th finite loss is s_t / (1 - beta**t). Without the correction the first points would be pulled
-towards zero. Non-finite losses are skipped, so they neither count towards t nor poison the curve.
-
-How the diagnosis reads a curve. Per-step diffusion loss is very noisy, because every step draws a
-random noise level, so nothing looks at single points:
-  * all comparisons happen on log-loss, where that noise is roughly multiplicative and even;
-  * the per-point noise is measured robustly (MAD of log-loss around each chunk's mean), and every
-    change must exceed both a size threshold and SIGNIFICANCE_Z standard errors of that noise;
-  * "drop" compares the mean log-loss of the first and last WINDOW_FRACTION of the points;
-  * "tail change" is a least-squares line through the log-loss of the last half of the points,
-    read as the relative change across that half (still falling / flat / rising);
-  * "rise from best" compares the last of up to CHUNKS equal chunks with the lowest chunk;
-  * "noise ratio" is the median absolute step-to-step change over the median loss in the last
-    window; independent 100 % relative noise gives about 0.8, a see-saw gives far more.
-With at least MIN_VAL_POINTS validation losses, "still falling" and overfitting are judged on them,
-because a fixed validation plan (same items, timesteps and noise) removes most of that noise.
+shows): s_t = beta * s_{t-1} + (1 - beta) * x_t with s_0 = 0, shown as s_t / (1 - beta**t).
+Non-finite losses are skipped, so they neither count towards t nor poison the curve.
 """
 
 from __future__ import annotations
@@ -47,42 +27,7 @@ import random
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import numpy as np
-
 from .errors import ConfigError
-
-# --- thresholds of the diagnosis (relative changes are fractions: 0.10 = 10 %) ---
-MIN_POINTS = 20  # fewer finite losses than this: too early to say anything
-MIN_WINDOW = 5  # smallest number of points in a window or chunk
-WINDOW_FRACTION = 0.2  # first / last window for the overall drop: 20 % of the points each
-NAN_RECENT_FRACTION = 0.1  # a NaN within the last 10 % of the points makes the verdict "nan"
-CHUNKS = 10  # the curve is cut into at most this many chunks to find its best stretch
-# A change must be this many standard errors to count as real. The diagnosis is re-read live many
-# times per run, so a loose test would make the verdict flicker on noise alone.
-SIGNIFICANCE_Z = 3.0
-MIN_DROP = 0.10  # overall drop below this (and flat) is a plateau, above it the run learned
-STILL_FALLING = 0.03  # the last half must fall at least this much to count as still falling
-DIVERGE_RISE = 0.25  # last chunk this much above the best chunk (and climbing) is divergence
-OSCILLATION_NOISE_RATIO = 1.0  # typical step-to-step jump above the loss level itself
-PLATEAU_MIN_POINTS = 50  # a plateau is only called once there are this many points...
-PLATEAU_MIN_PROGRESS = 0.2  # ...and (when the run length is known) this share of it is done
-MIN_VAL_POINTS = 3  # from this many validation losses on, they decide falling / flat
-VAL_PRECISION = 0.01  # assumed relative noise of one fixed-plan validation loss
-OVERFIT_MARGIN = 0.05  # validation this much above its best while training holds: overfitting
-ENDING_PROGRESS = 0.9  # past this share of total_steps, "keep training" becomes "train longer"
-
-VERDICTS = (
-    "warming_up",
-    "converging",
-    "converged",
-    "plateau_high",
-    "oscillating",
-    "diverging",
-    "nan",
-    "overfitting",
-)
-
-_TINY = 1e-12  # keeps log() finite for a zero loss
 
 
 @dataclass
@@ -103,6 +48,13 @@ class History:
     nan_steps: list[int] = field(default_factory=list)
     ema_beta: float = 0.9
     ema_state: float = 0.0
+    # Validation loss of the model without the LoRA (strength 0): the reference every verdict is
+    # judged against. Measured once per session and kept, because after start_from_lora or a
+    # resume the first validation of a run is not the base model.
+    base_val_loss: float | None = None
+    # One entry per NaN-guard rollback: the bad step, the step whose weights came back, and the
+    # LR factor (lr_scale) in force from then on.
+    rollbacks: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         if not 0.0 <= self.ema_beta < 1.0:
@@ -131,6 +83,11 @@ class History:
         self.val_step.append(int(step))
         self.val_loss.append(loss)
 
+    def record_rollback(self, step: int, to_step: int, lr_scale: float) -> None:
+        """Note that the NaN guard rolled back from `step` to the weights of `to_step` and lowered
+        the LR to `lr_scale` times the planned LR."""
+        self.rollbacks.append({"step": int(step), "to_step": int(to_step), "lr_scale": float(lr_scale)})
+
     def epoch_means(self) -> dict[int, float]:
         """Mean finite training loss of each epoch, in epoch order."""
         sums: dict[int, list[float]] = {}
@@ -151,6 +108,8 @@ class History:
             "nan_steps": list(self.nan_steps),
             "ema_beta": self.ema_beta,
             "ema_state": self.ema_state,
+            "base_val_loss": self.base_val_loss,
+            "rollbacks": [dict(r) for r in self.rollbacks],
         }
 
     @classmethod
@@ -167,6 +126,11 @@ class History:
             nan_steps=[int(v) for v in d.get("nan_steps", [])],
             ema_beta=float(d.get("ema_beta", 0.9)),
             ema_state=float(d.get("ema_state", 0.0)),
+            base_val_loss=None if d.get("base_val_loss") is None else float(d["base_val_loss"]),
+            rollbacks=[
+                {"step": int(r["step"]), "to_step": int(r["to_step"]), "lr_scale": float(r["lr_scale"])}
+                for r in d.get("rollbacks", [])
+            ],
         )
 
     def tail(self, n: int) -> dict:
@@ -184,309 +148,9 @@ class History:
         out["val_step"] = [self.val_step[i] for i in keep_val]
         out["val_loss"] = [self.val_loss[i] for i in keep_val]
         out["nan_steps"] = [s for s in self.nan_steps if first is None or s >= first]
+        out["rollbacks"] = [r for r in out["rollbacks"] if first is None or r["step"] >= first]
         return out
 
-
-@dataclass(frozen=True)
-class Diagnosis:
-    """One reading of the loss curve.
-
-    verdict: one of VERDICTS. headline: one short sentence in the user's terms. advice: concrete
-    things to change. evidence: the numbers behind the verdict (JSON-safe floats and ints).
-    """
-
-    verdict: str
-    headline: str
-    advice: list[str]
-    evidence: dict
-
-
-@dataclass(frozen=True)
-class _Trend:
-    """Shape of one curve, on log-loss. Changes are relative (exp of the log change, minus 1)."""
-
-    drop: float  # overall fall from the first to the last window (negative: it rose)
-    drop_z: float  # that fall in standard errors
-    tail_change: float  # fitted change across the last half (negative: still falling)
-    tail_z: float
-    rise: float  # last chunk above the best chunk
-    rise_z: float
-    best_step: int  # middle of the best chunk
-
-
-def _fit_change(x: np.ndarray, y: np.ndarray, point_se: float) -> tuple[float, float]:
-    """Least-squares line through (x, y); returns its change from x[0] to x[-1] and that change's
-    standard error for independent points of standard error `point_se`."""
-    sxx = float(np.sum((x - x.mean()) ** 2))
-    if sxx <= 0.0:
-        return 0.0, math.inf
-    slope = float(np.sum((x - x.mean()) * (y - y.mean()))) / sxx
-    span = float(x[-1] - x[0])
-    return slope * span, point_se * abs(span) / math.sqrt(sxx)
-
-
-def _z(value: float, se: float) -> float:
-    if se == math.inf:
-        return 0.0
-    return value / max(se, _TINY)
-
-
-def _train_trend(steps: np.ndarray, losses: np.ndarray) -> tuple[_Trend, float]:
-    """Trend of the noisy per-step training loss; also returns the per-point log noise."""
-    n = len(losses)
-    y = np.log(np.maximum(losses, _TINY))
-    chunk_count = max(2, min(CHUNKS, n // MIN_WINDOW))
-    chunks = np.array_split(np.arange(n), chunk_count)
-    residuals = np.concatenate([y[c] - y[c].mean() for c in chunks])
-    sigma = max(1.4826 * float(np.median(np.abs(residuals - np.median(residuals)))), 1e-9)
-
-    window = max(MIN_WINDOW, int(n * WINDOW_FRACTION))
-    drop_log = float(y[:window].mean() - y[-window:].mean())
-    drop_se = sigma * math.sqrt(2.0 / window)
-
-    half = n // 2
-    tail_log, tail_se = _fit_change(steps[half:].astype(float), y[half:], sigma)
-
-    means = np.array([y[c].mean() for c in chunks])
-    best = int(np.argmin(means))
-    rise_log = float(means[-1] - means[best])
-    rise_se = sigma * math.sqrt(1.0 / len(chunks[-1]) + 1.0 / len(chunks[best]))
-    best_step = int(steps[chunks[best][len(chunks[best]) // 2]])
-
-    trend = _Trend(
-        drop=1.0 - math.exp(-drop_log),
-        drop_z=_z(drop_log, drop_se),
-        tail_change=math.exp(tail_log) - 1.0,
-        tail_z=_z(tail_log, tail_se),
-        rise=math.exp(rise_log) - 1.0,
-        rise_z=_z(rise_log, rise_se),
-        best_step=best_step,
-    )
-    return trend, sigma
-
-
-def _val_trend(steps: np.ndarray, losses: np.ndarray) -> _Trend:
-    """Trend of fixed-plan validation losses: few points, little noise, so no chunking."""
-    y = np.log(np.maximum(losses, _TINY))
-    n = len(y)
-    drop_log = float(y[0] - y[-1])
-    half = min(n // 2, n - 2)
-    tail_log, tail_se = _fit_change(steps[half:].astype(float), y[half:], VAL_PRECISION)
-    best = int(np.argmin(y))
-    rise_log = float(y[-1] - y[best])
-    return _Trend(
-        drop=1.0 - math.exp(-drop_log),
-        drop_z=_z(drop_log, VAL_PRECISION * math.sqrt(2.0)),
-        tail_change=math.exp(tail_log) - 1.0,
-        tail_z=_z(tail_log, tail_se),
-        rise=math.exp(rise_log) - 1.0,
-        rise_z=_z(rise_log, VAL_PRECISION * math.sqrt(2.0)),
-        best_step=int(steps[best]),
-    )
-
-
-def _noise_ratio(losses: np.ndarray) -> float:
-    window = losses[-max(MIN_WINDOW, int(len(losses) * WINDOW_FRACTION)) :]
-    level = float(np.median(window))
-    if level <= 0.0 or len(window) < 2:
-        return 0.0
-    return float(np.median(np.abs(np.diff(window)))) / level
-
-
-def _fmt_lr(lr: float) -> str:
-    mantissa, exponent = f"{lr:.1e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
-def _lr_change(history: History, factor: float) -> str:
-    peak = max(history.lr) if history.lr else 0.0
-    if peak <= 0.0:
-        return "1e-4 -> 5e-5" if factor < 1 else "1e-4 -> 2e-4"
-    return f"{_fmt_lr(peak)} -> {_fmt_lr(peak * factor)}"
-
-
-def _recent_nan(history: History) -> int | None:
-    """The last NaN step if it is in the last NAN_RECENT_FRACTION of the run, else None."""
-    if not history.nan_steps:
-        return None
-    last_nan = max(history.nan_steps)
-    n = len(history.step)
-    if n == 0:
-        return last_nan
-    window = max(MIN_WINDOW, int(n * NAN_RECENT_FRACTION))
-    window_start = history.step[max(0, n - window)]
-    return last_nan if last_nan >= window_start else None
-
-
-def diagnose(history: History, total_steps: int | None = None) -> Diagnosis:
-    """Read the loss curve and say, in the user's terms, what training is doing and what to change.
-
-    Checks run in order and the first that matches wins: NaN, too few points, diverging,
-    overfitting, converging, oscillating, converged, (too early for a plateau), plateau_high.
-    `total_steps` (the planned run length) lets it tell "keep going" from "train longer next time".
-    """
-    nan_step = _recent_nan(history)
-    n = len(history.loss)
-    evidence: dict = {"points": n, "nan_count": len(history.nan_steps)}
-    if total_steps and n:
-        evidence["progress"] = history.step[-1] / total_steps
-
-    if nan_step is not None:
-        evidence["last_nan_step"] = nan_step
-        return Diagnosis(
-            "nan",
-            f"The loss became NaN at step {nan_step}: training blew up.",
-            [
-                f"lower unet_lr (e.g. {_lr_change(history, 0.5)})",
-                "train in bf16 instead of fp16 (fp16 overflows more easily)",
-                "keep gradient clipping on (max_grad_norm 1.0)",
-                f"resume from a checkpoint saved before step {nan_step}",
-            ],
-            evidence,
-        )
-    if n < MIN_POINTS:
-        return Diagnosis(
-            "warming_up",
-            "Too early to judge: collecting more steps.",
-            [f"keep training; the diagnosis needs at least {MIN_POINTS} steps ({n} so far)"],
-            evidence,
-        )
-
-    steps = np.asarray(history.step, dtype=float)
-    losses = np.asarray(history.loss, dtype=float)
-    train, sigma = _train_trend(steps, losses)
-    noise = _noise_ratio(losses)
-    evidence.update(
-        level=float(np.median(losses[-max(MIN_WINDOW, int(n * WINDOW_FRACTION)) :])),
-        relative_drop=train.drop,
-        drop_z=train.drop_z,
-        tail_change=train.tail_change,
-        tail_z=train.tail_z,
-        rise_from_best=train.rise,
-        rise_z=train.rise_z,
-        best_step=train.best_step,
-        noise_ratio=noise,
-        log_noise=sigma,
-    )
-
-    val = None
-    if len(history.val_loss) >= MIN_VAL_POINTS:
-        val = _val_trend(np.asarray(history.val_step), np.asarray(history.val_loss, dtype=float))
-        evidence.update(
-            val_points=len(history.val_loss),
-            val_relative_drop=val.drop,
-            val_tail_change=val.tail_change,
-            val_rise_from_best=val.rise,
-            val_best_step=val.best_step,
-        )
-    # Validation decides whether the curve is still falling; whether the run learned anything at
-    # all is read from either curve, since the first validation often comes after the big drop.
-    primary = val if val is not None else train
-    lower_lr = f"lower unet_lr (e.g. {_lr_change(history, 0.5)})"
-
-    train_rising = train.tail_z >= SIGNIFICANCE_Z
-    # A loss that jumped up and stays up is as diverged as one still climbing.
-    worse_than_start = train.drop_z <= -SIGNIFICANCE_Z
-    high_above_best = train.rise >= DIVERGE_RISE and train.rise_z >= SIGNIFICANCE_Z
-    if high_above_best and (train_rising or worse_than_start):
-        return Diagnosis(
-            "diverging",
-            "The loss is climbing instead of falling: training is diverging, "
-            "the learning rate is too high.",
-            [
-                lower_lr,
-                "lower text_encoder_lr too, or stop training the text encoder",
-                "use more warmup steps",
-                f"pick the checkpoint at step {train.best_step} (lowest loss so far)",
-                "enable min-SNR gamma 5",
-            ],
-            evidence,
-        )
-
-    if (
-        val is not None
-        and val.best_step < history.val_step[-1]
-        and val.rise >= OVERFIT_MARGIN
-        and val.rise_z >= SIGNIFICANCE_Z
-        and not train_rising
-    ):
-        return Diagnosis(
-            "overfitting",
-            "Validation loss is rising while training loss keeps falling: "
-            "the LoRA is memorising the training images (overfitting).",
-            [
-                f"pick the checkpoint at step {val.best_step} (lowest validation loss)",
-                f"train fewer epochs: stop around step {val.best_step}",
-                lower_lr,
-                "add more (and more varied) training images",
-                "lower rank (network_dim)",
-            ],
-            evidence,
-        )
-
-    if primary.tail_change <= -STILL_FALLING and primary.tail_z <= -SIGNIFICANCE_Z:
-        progress = evidence.get("progress", 0.0)
-        advice = (
-            ["more epochs or repeats: the loss was still falling when the run ended"]
-            if progress >= ENDING_PROGRESS
-            else ["keep training: the loss is still falling"]
-        )
-        advice.append("compare samples from the next checkpoints; stop when they stop improving")
-        return Diagnosis(
-            "converging",
-            "The loss is falling steadily: training is working.",
-            advice,
-            evidence,
-        )
-
-    if noise >= OSCILLATION_NOISE_RATIO:
-        return Diagnosis(
-            "oscillating",
-            "The loss jumps up and down without a trend: the learning rate is probably too high.",
-            [
-                lower_lr,
-                "raise batch size or gradient accumulation to average out the noise",
-                "enable min-SNR gamma 5",
-            ],
-            evidence,
-        )
-
-    learned = any(t.drop >= MIN_DROP and t.drop_z >= SIGNIFICANCE_Z for t in (train, val) if t)
-    if learned:
-        return Diagnosis(
-            "converged",
-            "The loss fell and has levelled off: training has converged.",
-            [
-                "compare samples from the last few checkpoints and keep the best",
-                "training much longer now mostly risks overfitting",
-            ],
-            evidence,
-        )
-
-    too_early = n < PLATEAU_MIN_POINTS or (
-        total_steps and history.step[-1] < PLATEAU_MIN_PROGRESS * total_steps
-    )
-    if too_early:
-        return Diagnosis(
-            "warming_up",
-            "No clear trend yet: collecting more steps.",
-            ["keep training; flat loss early in a run is normal"],
-            evidence,
-        )
-
-    return Diagnosis(
-        "plateau_high",
-        "The loss is flat but high, like a student who always scores 61: "
-        "the LoRA is barely learning.",
-        [
-            f"raise unet_lr (e.g. {_lr_change(history, 2.0)})",
-            "raise rank (network_dim)",
-            "more epochs or repeats",
-            "check the captions: they should describe each image and include the trigger word",
-            "check the dataset: enough images, sharp, varied, at the training resolution",
-        ],
-        evidence,
-    )
 
 
 class ValidationSample(NamedTuple):

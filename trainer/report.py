@@ -7,8 +7,8 @@ Public API:
     render_report(history, diagnosis=None, title="", width=1024, height=640, *, lr_plan=None)
         -> np.ndarray uint8 [height, width, 3]
         Title line; the loss panel (raw per-step loss as a light thin line, the smoothed loss as a
-        bold line, validation loss as markers joined by a line, NaN steps as red ticks on the
-        x axis, legend); below it the learning-rate panel; on the right the text box with
+        bold line, validation loss as markers joined by a line, the base model's validation loss
+        as a dashed reference line, NaN steps as red ticks on the x axis, legend); below it the learning-rate panel; on the right the text box with
         `report_lines`. The loss axis is logarithmic when the values span more than
         LOG_SCALE_RATIO, else linear, and the panel header says which. `lr_plan` is
         `schedule.preview(...)` output: drawn faintly behind the recorded lr, it stretches the
@@ -20,8 +20,10 @@ Public API:
     report_layout(width, height) -> ReportLayout
         Where render_report puts the title, the two plot areas (inside the axes) and the text box.
     chart_points(history, max_points=500) -> dict
-        {step, loss, smoothed, lr, val_step, val_loss, nan_steps}: at most `max_points` entries
-        per list, JSON-safe, for the live chart in the browser.
+        {step, loss, smoothed, lr, val_step, val_loss, nan_steps, base_val_loss, rollbacks}: at
+        most `max_points` entries per list, JSON-safe, for the live chart in the browser;
+        base_val_loss (None without validation) is the step-0 reference line, rollbacks the steps
+        where the NaN guard rolled back.
 
 Long runs are decimated before drawing: for every pixel column only the first, lowest, highest and
 last value are kept and joined in that order, which colours exactly the pixels the full line would,
@@ -40,7 +42,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ConfigError
-from .monitor import Diagnosis, History
+from .diagnosis import Diagnosis
+from .monitor import History
 
 LOG_SCALE_RATIO = 20.0  # loss axis turns logarithmic when max / min exceeds this
 MAX_ADVICE = 3  # advice lines shown in the text box
@@ -59,17 +62,18 @@ BOX_EDGE = (214, 217, 224)
 RAW = (178, 198, 224)
 SMOOTHED = (24, 78, 168)
 VALIDATION = (232, 118, 12)
+BASE = (128, 60, 170)  # the base model's validation loss: the step-0 reference line
 NAN = (214, 39, 40)
 LR = (46, 139, 87)
 LR_PLAN = (196, 226, 206)
 VERDICT_COLORS = {
-    "converging": (30, 128, 60),
+    "learning": (30, 128, 60),
     "converged": (30, 128, 60),
     "warming_up": (92, 96, 104),
-    "plateau_high": (196, 104, 0),
-    "oscillating": (196, 104, 0),
+    "no_trend": (92, 96, 104),
+    "not_learning": (196, 104, 0),
     "overfitting": (196, 104, 0),
-    "diverging": (190, 24, 24),
+    "diverged": (190, 24, 24),
     "nan": (190, 24, 24),
 }
 
@@ -166,6 +170,11 @@ def _text_items(history: History, diagnosis: Diagnosis | None) -> list[tuple[str
         best = int(np.argmin(history.val_loss))
         best_loss, best_step = history.val_loss[best], history.val_step[best]
         items.append(("stat", f"Best val loss: {best_loss:.4g} at step {best_step}"))
+    if history.base_val_loss is not None:
+        items.append(("stat", f"Base model val loss: {history.base_val_loss:.4g}"))
+    if history.rollbacks:
+        last = history.rollbacks[-1]
+        items.append(("stat", f"NaN-guard rollbacks: {len(history.rollbacks)} (LR now {last['lr_scale']:g}x the plan)"))
     return items
 
 
@@ -419,7 +428,8 @@ def _draw_loss_panel(draw, box: Box, history: History, x_range, size: int) -> No
     x0, y0, x1, y1 = box
     steps, loss, smoothed = _sorted_by_step(history.step, history.loss, history.smoothed)
     val_steps, val_loss = _sorted_by_step(history.val_step, history.val_loss)
-    lo, hi, log = _loss_range(np.concatenate([loss, smoothed, val_loss]))
+    base = [] if history.base_val_loss is None else [history.base_val_loss]
+    lo, hi, log = _loss_range(np.concatenate([loss, smoothed, val_loss, base]))
     xaxis = _inset_x(box, *x_range)
     yaxis = _Axis(lo, hi, log, y1 - 3, y0 + 3)
     has_data = bool(steps.size or val_steps.size or history.nan_steps)
@@ -432,6 +442,8 @@ def _draw_loss_panel(draw, box: Box, history: History, x_range, size: int) -> No
     entries = [("per step", RAW, 2), ("smoothed", SMOOTHED, 3)] if steps.size else []
     if val_steps.size:
         entries.append(("validation", VALIDATION, 2))
+    if base:
+        entries.append(("base model", BASE, 2))
     if history.nan_steps:
         entries.append(("NaN step", NAN, 2))
     header = f"Loss ({'log' if log else 'linear'} scale)"
@@ -441,6 +453,12 @@ def _draw_loss_panel(draw, box: Box, history: History, x_range, size: int) -> No
         _draw_label(draw, *center, "No data yet", _font(round(size * 1.3)), MUTED, "c")
         return
 
+    if base:
+        # The step-0 reference: validation of the model without the LoRA, dashed across the panel.
+        y = round(float(yaxis.px(base[0])))
+        dash = max(4, size // 2)
+        for x in range(x0 + 1, x1, 2 * dash):
+            draw.line((x, y, min(x + dash, x1 - 1), y), fill=BASE, width=2)
     bold = max(3, round(size / 5))
     xs, raw_ys, smooth_ys = xaxis.px(steps), yaxis.px(loss), yaxis.px(smoothed)
     _line(draw, xs, raw_ys, RAW, 1)
@@ -571,4 +589,6 @@ def chart_points(history: History, max_points: int = 500) -> dict:
         "val_step": pick(history.val_step, val_keep, int),
         "val_loss": pick(history.val_loss, val_keep, float),
         "nan_steps": [int(s) for s in nan_steps],
+        "base_val_loss": history.base_val_loss,
+        "rollbacks": [int(r["step"]) for r in history.rollbacks[-max_points:]],
     }

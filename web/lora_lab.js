@@ -41,19 +41,20 @@ const C = {
   raw: "rgba(126, 160, 214, 0.55)",
   smoothed: "#4d9bff",
   val: "#ff9f1a",
+  base: "#b98cf0",
   nan: "#ff4d4f",
   lr: "#42c384",
   lrFill: "rgba(66, 195, 132, 0.16)",
   error: "#ff7b72",
 };
 const VERDICT_COLORS = {
-  converging: "#3fb950",
+  learning: "#3fb950",
   converged: "#3fb950",
   warming_up: "#8b93a1",
-  plateau_high: "#e3a008",
-  oscillating: "#e3a008",
+  no_trend: "#8b93a1",
+  not_learning: "#e3a008",
   overfitting: "#e3a008",
-  diverging: "#f85149",
+  diverged: "#f85149",
   nan: "#f85149",
 };
 const FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, Arial, sans-serif";
@@ -319,7 +320,7 @@ function strokeSeries(ctx, plot, xs, ys, color, width) {
 // ------------------------------------------------------------------ training chart state
 
 function emptyChart() {
-  return { step: [], loss: [], smoothed: [], lr: [], val_step: [], val_loss: [], nan_steps: [], total: 0, eta_s: null, diagnosis: null, notes: [], live: false, finished: false };
+  return { step: [], loss: [], smoothed: [], lr: [], val_step: [], val_loss: [], nan_steps: [], base: null, total: 0, eta_s: null, diagnosis: null, notes: [], live: false, finished: false };
 }
 
 function asNumbers(list) {
@@ -336,6 +337,7 @@ function chartFromOutput(entry) {
   chart.val_step = asNumbers(h.val_step);
   chart.val_loss = asNumbers(h.val_loss);
   chart.nan_steps = asNumbers(h.nan_steps);
+  chart.base = finite(h.base_val_loss) ? h.base_val_loss : null;
   chart.total = finite(entry && entry.total) ? entry.total : chart.step.length ? chart.step[chart.step.length - 1] : 0;
   const d = entry && entry.diagnosis;
   chart.diagnosis = d && typeof d === "object" ? { verdict: String(d.verdict || ""), headline: String(d.headline || ""), advice: Array.isArray(d.advice) ? d.advice.map(String).slice(0, 3) : [] } : null;
@@ -366,6 +368,7 @@ function compactChart(chart) {
     val_step: take(chart.val_step, vkeep, (v) => v),
     val_loss: take(chart.val_loss, vkeep, round4),
     nan_steps: chart.nan_steps.slice(-STORED_POINTS),
+    base_val_loss: chart.base,
     total: chart.total,
     diagnosis: chart.diagnosis,
     notes: chart.notes.slice(0, 3),
@@ -456,6 +459,7 @@ function drawTrainChart(canvas, state) {
     ["loss", C.raw, 1.2, false],
     ["smoothed", C.smoothed, 3, false],
     ["validation", C.val, 2, true],
+    ...(finite(chart.base) ? [["base model", C.base, 1.5, false]] : []),
     ["lr", C.lr, 2, false],
   ];
   let lx = w - pad;
@@ -496,13 +500,26 @@ function drawTrainChart(canvas, state) {
   const xTicks = linearTicks(firstStep, xMax, Math.max(2, Math.floor((right - left) / 70)));
 
   // Loss panel.
-  const lossScale = yScale([...chart.loss, ...chart.smoothed, ...chart.val_loss]) || { log: false, lo: 0, hi: 1 };
+  const base = finite(chart.base) ? [chart.base] : [];
+  const lossScale = yScale([...chart.loss, ...chart.smoothed, ...chart.val_loss, ...base]) || { log: false, lo: 0, hi: 1 };
   const lossPlot = makePlot({ x: left, y, w: right - left, h: lossH }, firstStep, xMax, lossScale);
   const yTicks = lossScale.log ? logTicks(lossScale.lo, lossScale.hi) : linearTicks(lossScale.lo, lossScale.hi, Math.max(2, Math.floor(lossH / 32)));
   drawFrame(ctx, lossPlot, yTicks, xTicks, { yLabel: lossScale.log ? "loss (log)" : "loss", showX: false });
   if (steps.length) {
     strokeSeries(ctx, lossPlot, steps, chart.loss, C.raw, 1.2);
     strokeSeries(ctx, lossPlot, steps, chart.smoothed, C.smoothed, 3);
+  }
+  if (base.length) {
+    // The step-0 reference: validation loss of the model without the LoRA. Below it = better.
+    ctx.save();
+    ctx.setLineDash([6, 4]);
+    ctx.strokeStyle = C.base;
+    ctx.lineWidth = 1.5;
+    ctx.beginPath();
+    ctx.moveTo(left, lossPlot.y(base[0]));
+    ctx.lineTo(right, lossPlot.y(base[0]));
+    ctx.stroke();
+    ctx.restore();
   }
   if (chart.val_step.length) {
     strokeSeries(ctx, lossPlot, chart.val_step, chart.val_loss, C.val, 1.5);
@@ -715,6 +732,9 @@ function setupTrainNode(node) {
     get valPoints() {
       return state.chart.val_step.length;
     },
+    get base() {
+      return state.chart.base;
+    },
     get liveMessages() {
       return state.liveMessages;
     },
@@ -756,6 +776,7 @@ function onProgress(event) {
         state.chart = emptyChart();
         if (continuing) {
           for (const k of ["step", "loss", "smoothed", "lr", "val_step", "val_loss", "nan_steps"]) state.chart[k] = prev[k].slice();
+          state.chart.base = prev.base;
         }
       }
       const chart = state.chart;
@@ -763,6 +784,7 @@ function onProgress(event) {
       chart.finished = false;
       chart.total = finite(Number(data.total)) ? Number(data.total) : chart.total;
       chart.eta_s = finite(data.eta_s) ? data.eta_s : null;
+      if (finite(data.base_val_loss)) chart.base = data.base_val_loss;
       if (!chart.step.length || step > chart.step[chart.step.length - 1]) {
         chart.step.push(step);
         chart.loss.push(finite(data.loss) ? data.loss : NaN);

@@ -10,7 +10,8 @@ the server.
 
 What is checked: the example workflow loads, the Dataset / Optimizer / Train nodes get their
 widgets, the schedule preview follows widget edits, queueing the workflow feeds the Train node's
-chart live (websocket progress events) and then with the full history and the diagnosis, the chart
+chart live (websocket progress events, with the base model's validation as the step-0 reference)
+and then with the full history and the diagnosis, the chart
 survives a page reload, and the extension logs no errors. The screenshot goes to
 test-artifacts/frontend_chart.png.
 """
@@ -218,7 +219,7 @@ def node_info(page, node_id):
           const l = n && n.loraLab;
           if (!l) return null;
           const out = {};
-          for (const k of ["points", "valPoints", "liveMessages", "diagnosis", "live", "total", "error", "steps", "answered", "lastPoint", "text"]) {
+          for (const k of ["points", "valPoints", "base", "liveMessages", "diagnosis", "live", "total", "error", "steps", "answered", "lastPoint", "text"]) {
             try { if (k in l) out[k] = l[k]; } catch (e) {}
           }
           const el = l.element;
@@ -307,13 +308,14 @@ def _run_cockpit(page, console, srv):
     assert queued.value.status == 200, f"the page's prompt was rejected: {queued.value.text()[:3000]}"
     live = wait_for(page, TRAIN, lambda i: i["liveMessages"] > 0, 600, "live progress events")
     assert live["total"] == STEPS, live
+    assert live["base"] > 0, live  # the base model's validation: the step-0 reference line
     ARTIFACTS.mkdir(exist_ok=True)
     page.evaluate(FOCUS_JS, [int(TRAIN), int(OPTIMIZER)])
     time.sleep(0.5)
     page.locator('[data-lora-lab="train-chart"]').screenshot(path=str(ARTIFACTS / "frontend_chart_live.png"))
     done = wait_for(page, TRAIN, lambda i: i["diagnosis"] is not None and not i["live"], 900, "the diagnosis")
     assert done["points"] >= STEPS // 2, done  # the full history replaced the sampled live points
-    assert done["valPoints"] >= 2, done
+    assert done["valPoints"] >= 2 and done["base"] > 0, done
     assert done["diagnosis"]["verdict"] and done["diagnosis"]["headline"], done
     wait_idle(url, 600)
     wait_for(page, DATASET, lambda i: "encoded:" in i["text"], 30, "the dataset summary")
@@ -332,6 +334,6 @@ def _run_cockpit(page, console, srv):
     page.wait_for_function(
         "(id) => window.comfyAPI?.app?.app?.graph?.getNodeById(id)?.loraLab", arg=int(TRAIN), timeout=120_000)
     restored = wait_for(page, TRAIN, lambda i: i["points"] > 0 and i["diagnosis"] is not None, 30, "the chart after a reload")
-    assert restored["diagnosis"] == done["diagnosis"]
+    assert restored["diagnosis"] == done["diagnosis"] and restored["base"] == pytest.approx(done["base"], rel=1e-4)
 
     assert console.ours() == [], console.ours()

@@ -15,7 +15,9 @@ from comfy_server import PromptRejected, cached_nodes, txt2img_prompt
 from tiny_models import DATASET_DIR_NAME, TINY_CKPT_NAME
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from headless.workflow import DATASET, SAVE, TRAIN, TrainingOptions, training_prompt  # noqa: E402
+from headless.workflow import DATASET, REPORT_SAVE, SAVE, TRAIN, TrainingOptions, training_prompt  # noqa: E402
+from trainer.diagnosis import VERDICTS  # noqa: E402
+from trainer.report import BASE, VALIDATION  # noqa: E402
 
 PACK_NODES = {
     "LoRALabDataset", "LoRALabNetwork", "LoRALabOptimizer", "LoRALabPrecision", "LoRALabTrain",
@@ -76,6 +78,19 @@ def test_training_runs_and_validation_loss_falls(trained):
     h = ui["history"]
     assert len(h["val_loss"]) >= 3
     assert h["val_loss"][-1] < h["val_loss"][0], h["val_loss"]
+
+
+def test_chart_data_and_report_carry_validation_and_the_base_model_reference(trained):
+    srv, entry, _ = trained
+    ui = train_ui(entry)
+    h = ui["history"]
+    # A fresh LoRA adds nothing at step 0, so there the base model and the first validation agree.
+    assert h["base_val_loss"] > 0 and h["val_step"][0] == 0
+    assert h["base_val_loss"] == pytest.approx(h["val_loss"][0], rel=1e-5)
+    assert ui["diagnosis"]["verdict"] in VERDICTS, ui["diagnosis"]
+    report = image_of(srv, entry, REPORT_SAVE)
+    for color in (BASE, VALIDATION):
+        assert np.all(report == np.array(color, dtype=np.float32), axis=-1).sum() > 50, color
 
 
 def test_saved_file_is_kohya_format_and_loads_in_stock_loraloader(trained):

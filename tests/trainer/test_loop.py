@@ -217,3 +217,42 @@ def test_state_round_trip_keeps_cycles_and_refuses_other_settings():
     other = make_session(steps=6, lr=1e-3)
     with pytest.raises(Exception, match="optimizer"):
         other.load_state_dict(tensors, meta)
+
+
+def test_nan_guard_rollbacks_are_recorded_in_the_history():
+    ex = make_examples(n=4)
+    ex[2].latents[0][0, 0, 0] = float("nan")
+    s = make_session(steps=12, examples=ex)
+    s.run()
+    rollbacks = s.history.rollbacks
+    assert [r["step"] for r in rollbacks] == s.history.nan_steps
+    assert [r["lr_scale"] for r in rollbacks] == [0.5**k for k in range(1, len(rollbacks) + 1)]
+    assert all(r["to_step"] < r["step"] for r in rollbacks)
+    tensors, meta = s.state_dict()
+    resumed = make_session(steps=12, examples=ex)
+    resumed.load_state_dict(tensors, meta)
+    assert resumed.history.rollbacks == rollbacks
+
+
+def test_base_validation_is_the_model_without_the_lora_measured_once_and_kept_on_resume():
+    s = make_session(steps=4, examples=make_examples(n=8), validation_split=0.25, validation_every=2)
+    for lora in s.network.loras.values():  # as after start_from_lora: the LoRA is not zero at step 0
+        torch.nn.init.normal_(lora.up.weight, std=0.5)
+    s.run(until_step=2)
+    base = s.history.base_val_loss
+    s.network.strength = 0.0
+    assert base == s.validation_loss()
+    s.network.strength = 1.0
+    assert base != s.history.val_loss[0]  # step 0 is not the base model here
+    tensors, meta = s.state_dict()
+    resumed = make_session(steps=4, examples=make_examples(n=8), validation_split=0.25, validation_every=2)
+    resumed.load_state_dict(tensors, meta)
+    resumed.run()
+    assert resumed.history.base_val_loss == base
+    assert resumed.network.strength == 1.0
+
+
+def test_no_validation_split_measures_no_base():
+    s = make_session(steps=3)
+    s.run()
+    assert s.history.base_val_loss is None

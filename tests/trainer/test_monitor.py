@@ -5,14 +5,7 @@ import numpy as np
 import pytest
 
 from trainer.errors import ConfigError
-from trainer.monitor import (
-    VERDICTS,
-    Diagnosis,
-    History,
-    diagnose,
-    fixed_validation_plan,
-    split_validation,
-)
+from trainer.monitor import History, fixed_validation_plan, split_validation
 
 STEPS = 400
 T = np.arange(1, STEPS + 1)
@@ -35,7 +28,6 @@ def history_of(losses, lr=1e-4, val=()):
 
 
 SEEDS = range(5)
-
 
 # --- History ---------------------------------------------------------------------------------
 
@@ -110,146 +102,15 @@ def test_tail_keeps_the_last_points_and_the_validation_beside_them():
     assert h.tail(100)["step"] == h.step
 
 
-# --- diagnose on synthetic curves ------------------------------------------------------------
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_exponential_decay_is_converging(seed):
-    d = diagnose(history_of(noisy(0.15 * np.exp(-T / 250), seed)), total_steps=STEPS * 2)
-    assert d.verdict == "converging", d.evidence
-    assert any("keep training" in a for a in d.advice)
-
-
-def test_converging_at_the_end_of_the_run_asks_for_more_epochs():
-    d = diagnose(history_of(noisy(0.15 * np.exp(-T / 250), 0)), total_steps=STEPS)
-    assert d.verdict == "converging"
-    assert any("more epochs or repeats" in a for a in d.advice)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_decay_then_flat_is_converged(seed):
-    d = diagnose(history_of(noisy(0.08 + 0.1 * np.exp(-T / 40), seed)), total_steps=STEPS)
-    assert d.verdict == "converged", d.evidence
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_flat_high_noisy_loss_is_a_plateau(seed):
-    d = diagnose(history_of(noisy(np.full(STEPS, 0.12), seed, rel=0.6)), total_steps=STEPS)
-    assert d.verdict == "plateau_high", d.evidence
-    assert "61" in d.headline
-    assert any("raise rank" in a for a in d.advice)
-    assert any("raise unet_lr (e.g. 1e-4 -> 2e-4)" in a for a in d.advice)
-
-
-def test_flat_loss_early_in_a_long_run_is_not_called_a_plateau_yet():
-    d = diagnose(history_of(noisy(np.full(STEPS, 0.12), 0)), total_steps=STEPS * 10)
-    assert d.verdict == "warming_up"
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_see_saw_around_a_flat_level_is_oscillating(seed):
-    level = 0.12 * (1 + 0.7 * (-1.0) ** T)
-    d = diagnose(history_of(noisy(level, seed, rel=0.3)), total_steps=STEPS)
-    assert d.verdict == "oscillating", d.evidence
-    assert d.evidence["noise_ratio"] > 1.0
-
-
-def test_ordinary_diffusion_noise_is_not_oscillation():
-    d = diagnose(history_of(noisy(np.full(STEPS, 0.12), 1, rel=0.6)), total_steps=STEPS)
-    assert d.evidence["noise_ratio"] < 1.0
-    assert d.verdict != "oscillating"
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_rising_loss_is_diverging(seed):
-    d = diagnose(history_of(noisy(0.1 * np.exp(T / 250), seed), lr=2e-4), total_steps=STEPS)
-    assert d.verdict == "diverging", d.evidence
-    assert any("lower unet_lr (e.g. 2e-4 -> 1e-4)" in a for a in d.advice)
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_dip_then_climb_is_diverging_and_names_the_best_step(seed):
-    level = 0.1 * (1 + 0.8 * ((T - 120) / 150) ** 2)
-    d = diagnose(history_of(noisy(level, seed)), total_steps=STEPS)
-    assert d.verdict == "diverging", d.evidence
-    best = d.evidence["best_step"]
-    assert 40 <= best <= 200
-    assert any(f"step {best}" in a for a in d.advice)
-
-
-def test_nan_in_the_last_steps_is_reported_with_its_step():
-    h = history_of(noisy(0.15 * np.exp(-T / 250), 0))
-    h.record(401, float("nan"), 1e-4, 10)
-    d = diagnose(h, total_steps=STEPS)
-    assert d.verdict == "nan"
-    assert "401" in d.headline
-
-
-def test_an_old_recovered_nan_does_not_decide_the_verdict():
-    h = History()
-    losses = noisy(0.15 * np.exp(-T / 250), 0)
-    for i, (step, loss) in enumerate(zip(T, losses)):
-        h.record(int(step), float(loss), 1e-4, 0)
-        if step == 50:
-            h.record(50, float("nan"), 1e-4, 0)
-    d = diagnose(h)
-    assert d.verdict == "converging"
-    assert d.evidence["nan_count"] == 1
-
-
-def test_nan_wins_even_before_there_is_enough_to_judge():
-    h = History()
-    h.record(1, 0.1, 1e-4, 0)
-    h.record(2, float("nan"), 1e-4, 0)
-    assert diagnose(h).verdict == "nan"
-
-
-def test_too_few_points_is_warming_up():
-    h = history_of(noisy(0.1 * np.exp(T / 50), 0)[:19])  # would be diverging with more points
-    d = diagnose(h)
-    assert d.verdict == "warming_up"
-    assert diagnose(History()).verdict == "warming_up"
-
-
-VAL_STEPS = [50, 100, 150, 200, 250, 300, 350, 400]
-
-
-@pytest.mark.parametrize("seed", SEEDS)
-def test_validation_rising_while_training_falls_is_overfitting_with_the_best_step(seed):
-    train = noisy(0.15 * np.exp(-T / 250), seed)
-    val_u = [0.120, 0.105, 0.099, 0.097, 0.100, 0.104, 0.109, 0.113]
-    d = diagnose(history_of(train, val=zip(VAL_STEPS, val_u)), total_steps=STEPS)
-    assert d.verdict == "overfitting", d.evidence
-    assert d.evidence["val_best_step"] == 200
-    assert any("checkpoint at step 200" in a for a in d.advice)
-
-
-def test_validation_still_falling_is_not_overfitting():
-    train = noisy(0.15 * np.exp(-T / 250), 0)
-    val_down = [0.120, 0.110, 0.104, 0.099, 0.095, 0.092, 0.089, 0.087]
-    d = diagnose(history_of(train, val=zip(VAL_STEPS, val_down)), total_steps=STEPS * 2)
-    assert d.verdict == "converging", d.evidence
-
-
-def test_flat_validation_decides_converged_even_if_training_loss_looks_still_falling():
-    train = noisy(0.15 * np.exp(-T / 250), 0)
-    val_flat = [0.120, 0.100, 0.0950, 0.0945, 0.0950, 0.0948, 0.0946, 0.0949]
-    d = diagnose(history_of(train, val=zip(VAL_STEPS, val_flat)), total_steps=STEPS)
-    assert d.verdict == "converged", d.evidence
-
-
-@pytest.mark.parametrize(
-    "level",
-    [0.15 * np.exp(-T / 250), np.full(STEPS, 0.12), 0.1 * np.exp(T / 250)],
-    ids=["falling", "flat", "rising"],
-)
-def test_every_diagnosis_is_complete_and_json_safe(level):
-    d = diagnose(history_of(noisy(level, 0)), total_steps=STEPS)
-    assert isinstance(d, Diagnosis)
-    assert d.verdict in VERDICTS
-    assert d.headline and d.advice
-    text = json.dumps(d.evidence, allow_nan=False)
-    assert "relative_drop" in text and "noise_ratio" in text
+def test_base_and_rollbacks_round_trip_and_older_saves_load():
+    h = history_of(noisy(np.full(STEPS, 0.1), 0), val=[(0, 0.12), (200, 0.11), (400, 0.10)])
+    h.base_val_loss = 0.120
+    h.record_rollback(7, 0, 0.5)
+    restored = History.from_dict(json.loads(json.dumps(h.to_dict())))
+    assert restored == h and restored.base_val_loss == 0.120
+    assert restored.tail(10)["rollbacks"] == [] and h.tail(400)["rollbacks"] == h.rollbacks
+    old = History.from_dict({"step": [1], "loss": [0.1], "lr": [1e-4], "smoothed": [0.1], "epoch": [0]})
+    assert old.base_val_loss is None and old.rollbacks == []
 
 
 # --- validation plan and split ---------------------------------------------------------------

@@ -8,7 +8,8 @@ from PIL import ImageFont
 
 from trainer import report
 from trainer.errors import ConfigError
-from trainer.monitor import Diagnosis, History, diagnose
+from trainer.diagnosis import Diagnosis, diagnose
+from trainer.monitor import History
 from trainer.report import (
     LR,
     LR_PLAN,
@@ -17,6 +18,7 @@ from trainer.report import (
     RAW,
     SMOOTHED,
     VALIDATION,
+    BASE,
     chart_points,
     render_report,
     report_layout,
@@ -111,6 +113,31 @@ def test_validation_colour_only_with_validation_data():
     assert not has(without, whole(without), VALIDATION)
     with_val = render_report(noisy_history(val_every=50), width=W, height=H)
     assert has(with_val, inside(report_layout(W, H).loss), VALIDATION)
+
+
+def test_the_base_model_reference_is_a_dashed_line_at_its_level_only_when_measured():
+    h = noisy_history(val_every=50)
+    without = render_report(h, width=W, height=H)
+    assert not has(without, whole(without), BASE)
+    h.base_val_loss = 0.25  # above every validation: the LoRA made the model better
+    img = render_report(h, width=W, height=H)
+    x0, y0, x1, y1 = inside(report_layout(W, H).loss)
+    mask = pixels_of(img, (x0, y0, x1, y1), BASE)
+    rows, cols = np.nonzero(mask)
+    assert rows.size and rows.max() - rows.min() <= 2  # one horizontal line
+    val_rows = np.nonzero(pixels_of(img, (x0, y0, x1, y1), VALIDATION).any(axis=1))[0]
+    assert rows.mean() < val_rows.min()  # drawn above the (lower) validation losses
+    covered = np.unique(cols)
+    assert covered.size < 0.8 * (x1 - x0) and covered.max() - covered.min() > 0.9 * (x1 - x0)  # dashed, full width
+    assert "Base model val loss: 0.25" in report_lines(h)
+
+
+def test_rollbacks_are_stated_in_the_text_and_sent_to_the_chart():
+    h = noisy_history(n=50, val_every=10)
+    h.record_rollback(12, 0, 0.5)
+    h.record_rollback(14, 0, 0.25)
+    assert "NaN-guard rollbacks: 2 (LR now 0.25x the plan)" in report_lines(h)
+    assert chart_points(h)["rollbacks"] == [12, 14]
 
 
 def test_nan_steps_are_red_ticks_on_the_x_axis():
@@ -318,7 +345,7 @@ def test_short_history_is_sent_whole():
     h.record(51, float("inf"), 1e-4, 0)
     points = chart_points(h, max_points=500)
     d = h.to_dict()
-    for key in ("step", "loss", "smoothed", "lr", "val_step", "val_loss", "nan_steps"):
+    for key in ("step", "loss", "smoothed", "lr", "val_step", "val_loss", "nan_steps", "base_val_loss"):
         assert points[key] == d[key]
 
 
@@ -369,8 +396,8 @@ def test_chart_points_are_json_safe():
 
 def test_chart_points_of_empty_history():
     points = chart_points(History())
-    keys = ("step", "loss", "smoothed", "lr", "val_step", "val_loss", "nan_steps")
-    assert points == {key: [] for key in keys}
+    keys = ("step", "loss", "smoothed", "lr", "val_step", "val_loss", "nan_steps", "rollbacks")
+    assert points == {**{key: [] for key in keys}, "base_val_loss": None}
 
 
 def test_chart_points_refuses_fewer_than_two_points():
