@@ -337,6 +337,7 @@ class LoRALabTrain:
             started_at=entry.started_at,
             optimizer=opt.name,
             scheduler=sched.name,
+            network_args=net.network_args(),
             extra={"lora_lab_seed": str(session.train.seed), "lora_lab_loss_type": session.objective.loss_type, "lora_lab_prediction": session.denoiser.prediction},
         )
         return TrainedLoRA(weights, metadata, session.denoiser.family, precision.save_dtype, key, output_name)

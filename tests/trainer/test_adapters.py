@@ -258,3 +258,22 @@ def test_dora_norm_is_cached_while_the_weight_is_unchanged():
         base(x)
     assert torch.allclose(adapter._norm_cache[1], 4 * first)
     assert math.isclose(float(adapter._norm_cache[1].sum()), float(base.weight.pow(2).sum()), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_every_algorithm_runs_under_autocast_with_half_precision_base(algorithm, kind):
+    """The fp16/bf16 path: a half-precision frozen layer under autocast, fp32 adapter weights
+    that receive fp32 gradients, and an output within half-precision rounding of the fp32 one."""
+    torch.manual_seed(6)
+    base = LAYERS[kind]().requires_grad_(False)
+    net = _network(base, kind, algorithm)
+    x = _input(kind)
+    with net.applied():
+        want = base(x)
+    base.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), net.applied():
+        got = base(x.to(torch.bfloat16))
+    got.float().pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in net.parameters())
+    assert torch.allclose(got.float(), want, atol=0.1, rtol=0.05), (got.float() - want).abs().max()
