@@ -4,11 +4,13 @@ For every algorithm and family, one process that loads ComfyUI (CPU) and this pa
 executor does (this file run as a script, see `_in_process`) runs the pack's own nodes: Network ->
 Train (with a held-out validation image) -> Save LoRA; then ComfyUI's stock LoraLoaderModelOnly
 loads the saved file, and the model ComfyUI patches from it is compared with our training forward
-(the bypass hooks) on the same input at strength 1 and 1.5. A few steps with fp8 base weights
-check that path for each algorithm. One process for everything keeps this module to a few minutes.
+(the bypass hooks) on the same input at strength 1 and 1.5. Two steps with fp8 base weights on Flux
+(the family fp8 is for) check that path for each algorithm. One process for everything keeps this
+module to a few minutes.
 
-Tolerance of the comparison: max |patched − ours| <= 1e-3 · max |ours − base| + 1e-5 (the LoRA is
-saved in fp32 here, so only float32 rounding separates the merged weight from the bypass form).
+Tolerance of the comparison: max |patched − ours| <= 1e-4 · max |ours − base| + 1e-5 (the LoRA is
+saved in fp32 here, so only float32 rounding separates the merged weight from the bypass form;
+measured up to 5e-6 of the LoRA's effect).
 """
 
 from __future__ import annotations
@@ -32,12 +34,12 @@ from tiny_models import DATASET_DIR_NAME, TINY_CKPT_NAME, make_dataset  # noqa: 
 
 ALGORITHMS = ("lora", "lokr", "loha", "dora")
 FAMILIES = ("sd15", "flux")
-STEPS = {"sd15": 12, "flux": 12}
+STEPS = {"sd15": 4, "flux": 8}  # the tiny SD1.5 steps cost ~10x the tiny Flux ones on CPU
 LR = {"sd15": 3e-3, "flux": 1e-2}
-# LoKr's and LoHa's products start smaller than LoRA's (one factor multiplies another): the usual
-# advice is a larger learning rate for them.
-LR_FACTOR = {"lora": 1.0, "dora": 1.0, "lokr": 3.0, "loha": 3.0}
-TOLERANCE = 1e-3
+# LoKr's product starts smaller than LoRA's (one small factor multiplies another): the usual advice
+# is a larger learning rate for it.
+LR_FACTOR = {"lora": 1.0, "dora": 1.0, "lokr": 3.0, "loha": 1.0}
+TOLERANCE = 1e-4  # measured: <= 5e-6 of the LoRA's effect for every algorithm, family and strength
 
 
 def _in_process(comfyui: str, base: str) -> dict:
@@ -144,10 +146,10 @@ def _in_process(comfyui: str, base: str) -> dict:
                 r["not_loaded"] = [line for line in log_lines[before:] if "not loaded" in line.lower()]
                 r["parity"][str(s)] = {"max_diff": float((theirs - ours[s]).abs().max()), "lora_effect": float((ours[s] - base_out).abs().max())}
             comfy.model_management.unload_all_models()
-            # fp8 base weights: a few steps must run and give finite losses
-            node += 1
-            _, _, fp8_record = train(str(node), family, algorithm, 2, fp8_base=True)
-            r["fp8_losses"] = list(fp8_record.history.loss)
+            if family == "flux":  # fp8 base weights: two steps must run and give finite losses
+                node += 1
+                _, _, fp8_record = train(str(node), family, algorithm, 2, fp8_base=True)
+                r["fp8_losses"] = list(fp8_record.history.loss)
             STORE.release(node_key(str(node)))
             STORE.release(node_key(str(node - 1)))
             out[f"{family}/{algorithm}"] = r
@@ -212,7 +214,7 @@ def test_model_patched_by_comfyui_matches_the_training_forward(results, case, st
     assert p["max_diff"] <= TOLERANCE * p["lora_effect"] + 1e-5, p
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", [f"flux/{a}" for a in ALGORITHMS])
 def test_fp8_base_weights_train_every_algorithm(results, case):
     losses = results[case]["fp8_losses"]
     assert len(losses) == 2 and all(l == l and abs(l) < float("inf") for l in losses), losses
