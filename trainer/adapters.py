@@ -38,6 +38,9 @@ Layouts and why:
   With fp8 base weights the norms are computed from the fp8 weight dequantised chunk by chunk in
   float32 (the weight the layer really computes with), so training stays self-consistent; the
   file applied to the original full-precision model differs from training by fp8's rounding.
+  In training fp8's own pre-hook runs first and hands each forward a fresh upcast copy, so
+  ‖W_col‖² is then re-measured every forward (chunked, without autograd) instead of cached.
+  Measured cost (bench/algorithms.py, BENCHMARKS.md): DoRA's step is the slowest of the four.
 
 Why not peft: it injects its own layer classes in place of the model's Linears (changing the
 shared ComfyUI model for every other node of the workflow), and its LoKr/LoHa/DoRA follow

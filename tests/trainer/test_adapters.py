@@ -222,7 +222,13 @@ def test_autograd_keeps_no_full_size_weight(algorithm):
     assert sum(sizes) < weight_bytes * (0.6 if algorithm == "loha" else 0.25), (algorithm, sum(sizes))
 
 
-def test_dora_with_fp8_base_weights_matches_the_dequantised_weight():
+@pytest.mark.parametrize("dora_hooks_first", [False, True])
+def test_dora_with_fp8_base_weights_matches_the_dequantised_weight(dora_hooks_first):
+    """Whichever pre-hook runs first, DoRA's norms are those of the weight the layer computes with:
+    the fp8 weight dequantised (read raw with its scale, or as fp8's upcast copy)."""
+    from contextlib import ExitStack
+
+    from trainer.adapters import FP8_DTYPES
     from trainer.precision import store_base_fp8
 
     torch.manual_seed(5)
@@ -230,15 +236,17 @@ def test_dora_with_fp8_base_weights_matches_the_dequantised_weight():
     net = _network(base, "linear", "dora")
     adapter = net.loras["lora_unet_x"]
     x = torch.randn(2, 5, 48)
-    handle = store_base_fp8([base])
-    try:
+    with ExitStack() as stack:
+        if dora_hooks_first:  # DoRA's pre-hook registered before fp8's: it reads the raw fp8 weight
+            stack.enter_context(net.applied())
+        stack.callback(store_base_fp8([base]).restore)
+        if not dora_hooks_first:
+            stack.enter_context(net.applied())
         dequantised = base.weight.float() * base.weight_fp8_scale
-        with net.applied():
-            got = base(x)
-        want = F.linear(x, adapter.merged_weight(dequantised, 1.0), base.bias)
-        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
-    finally:
-        handle.restore()
+        got = base(x)
+        assert (adapter._norm_cache[0][2] in FP8_DTYPES) == dora_hooks_first
+    want = F.linear(x, adapter.merged_weight(dequantised, 1.0), base.bias)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (got - want).abs().max()
 
 
 def test_dora_norm_is_cached_while_the_weight_is_unchanged():
