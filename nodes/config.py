@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..trainer.adapters import ALGORITHMS
 from ..trainer.network import RANK_RANGE, TARGET_PRESETS, NetworkConfig
 from ..trainer.optimizers import OPTIMIZERS, OptimizerConfig, check_available
 from ..trainer.precision import AUTO, MIXED_PRECISIONS, SAVE_DTYPES, PrecisionConfig
@@ -9,8 +10,20 @@ from ..trainer.schedule import SCHEDULES, ScheduleConfig
 from .common import CATEGORY, NETWORK, OPTIMIZER, PRECISION, default_of, user_errors
 
 
+ALGORITHM_TOOLTIP = (
+    "lora: the classic, works everywhere; the safe default. "
+    "lokr: a Kronecker product of a small and a large block - far fewer parameters and small files for the same rank, "
+    "good for styles; learns fine detail more slowly. "
+    "loha: two low-rank pairs multiplied element-wise - more expressive than lora at the same file size, good for "
+    "styles with many details; each step costs more (it works at rank x rank internally). "
+    "dora: lora plus a learned strength per input channel - often closer to a full fine-tune at low rank; slower steps "
+    "(the layer's weight is read once more per step) and a slightly bigger file. "
+    "All four load in ComfyUI's stock Load LoRA; lokr/loha/dora files are written in LyCORIS' format."
+)
+
+
 class LoRALabNetwork:
-    DESCRIPTION = "The LoRA to train: rank, alpha (strength scale = alpha / rank), which layers, 3x3 convs, dropout."
+    DESCRIPTION = "The LoRA to train: algorithm (LoRA, LoKr, LoHa, DoRA), rank, alpha (strength scale = alpha / rank), which layers, 3x3 convs, dropout."
     CATEGORY = CATEGORY
     RETURN_TYPES = (NETWORK,)
     RETURN_NAMES = ("network",)
@@ -29,13 +42,17 @@ class LoRALabNetwork:
                 "dropout": ("FLOAT", {"default": d["dropout"], "min": 0.0, "max": 0.9, "step": 0.01, "tooltip": "Dropout on the LoRA input during training. 0 = off; 0.05-0.1 can reduce over-fitting."}),
             },
             "optional": {
+                "algorithm": (list(ALGORITHMS), {"default": d["algorithm"], "tooltip": ALGORITHM_TOOLTIP}),
+                "lokr_factor": ("INT", {"default": d["lokr_factor"], "min": -1, "max": 1024, "tooltip": "LoKr only: each layer's weight is split into a small block of this size and a large one (Kronecker product). -1 = as square as possible (smallest file). Larger factors (8-16) give the small block more to learn; the file grows with it."}),
+                "lokr_decompose": ("BOOLEAN", {"default": d["lokr_decompose"], "tooltip": "LoKr only: store the large block as a rank-r product (small file; alpha/rank scales it). Off = store it in full: more detail, much bigger file, and alpha no longer applies (ComfyUI ignores it for full blocks)."}),
                 "train_text_encoder": ("BOOLEAN", {"default": d["train_text_encoder"], "tooltip": "Also train a LoRA on the text encoder (SD1.5: lora_te_; SDXL: both encoders, lora_te1_/lora_te2_; Flux: CLIP-L only), at the Optimizer's text_encoder_lr. Connect the CLIP to the Train node. Slower: captions are encoded every step. Off = UNet only, the usual choice."}),
             },
         }
 
     @user_errors
-    def build(self, rank, alpha, targets, conv_rank, conv_alpha, dropout, train_text_encoder=False):
-        return (NetworkConfig(rank=rank, alpha=alpha, targets=targets, conv_rank=conv_rank, conv_alpha=conv_alpha, dropout=dropout, train_text_encoder=train_text_encoder),)
+    def build(self, rank, alpha, targets, conv_rank, conv_alpha, dropout, train_text_encoder=False, algorithm="lora", lokr_factor=-1, lokr_decompose=True):
+        return (NetworkConfig(rank=rank, alpha=alpha, targets=targets, conv_rank=conv_rank, conv_alpha=conv_alpha, dropout=dropout, train_text_encoder=train_text_encoder,
+                              algorithm=algorithm, lokr_factor=lokr_factor, lokr_decompose=lokr_decompose),)
 
 
 class LoRALabOptimizer:

@@ -52,7 +52,12 @@ from .paths import temp_name
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
 ALPHA = ".alpha"
-_PARTS = ((DOWN, "down"), (UP, "up"), (ALPHA, "alpha"))
+# Per-module tensors of each algorithm, as ComfyUI's loader (comfy/weight_adapter) reads them.
+_PARTS = ((DOWN, "down"), (UP, "up"), (ALPHA, "alpha"), (".dora_scale", "dora_scale"),
+          (".hada_w1_a", "hada_w1_a"), (".hada_w1_b", "hada_w1_b"), (".hada_w2_a", "hada_w2_a"), (".hada_w2_b", "hada_w2_b"),
+          (".lokr_w1", "lokr_w1"), (".lokr_w2", "lokr_w2"), (".lokr_w1_a", "lokr_w1_a"), (".lokr_w1_b", "lokr_w1_b"),
+          (".lokr_w2_a", "lokr_w2_a"), (".lokr_w2_b", "lokr_w2_b"))
+_SUFFIX = {part: suffix for suffix, part in _PARTS}
 
 SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -87,17 +92,42 @@ def _split_modules(weights: Mapping[str, torch.Tensor]) -> dict[str, dict[str, t
     if unknown:
         shown = ", ".join(sorted(unknown)[:3])
         raise LoRALabError(
-            f"{len(unknown)} tensor(s) are not kohya LoRA weights (e.g. {shown}). LoRA Lab reads and "
-            "writes only NAME.lora_down.weight / NAME.lora_up.weight / NAME.alpha; LoCon/LoHa/LoKr "
-            "or diffusers-format files are not supported. Use a plain kohya-format LoRA."
+            f"{len(unknown)} tensor(s) are not kohya / LyCORIS LoRA weights (e.g. {shown}). LoRA Lab reads and "
+            "writes NAME.lora_down.weight / lora_up.weight (+ dora_scale), hada_w1_a ... (LoHa), lokr_w1 / "
+            "lokr_w2(_a/_b) (LoKr) and NAME.alpha; diffusers-format, Tucker (t1/t2) or OFT files are not supported."
         )
     if not modules:
-        raise LoRALabError("The LoRA holds no modules (no lora_down/lora_up weights); nothing to use.")
+        raise LoRALabError("The LoRA holds no modules (no lora_down/lora_up, hada_ or lokr_ weights); nothing to use.")
     return modules
 
 
 def _module_rank(name: str, parts: Mapping[str, torch.Tensor]) -> int:
-    """Check that `name` has both halves with matching shapes; return its rank."""
+    """Check that `name` has a complete set of tensors for one algorithm; return the rank its
+    alpha is divided by (1 for a LoKr with both factors stored in full: ComfyUI ignores alpha there)."""
+    algo = module_algorithm(parts)
+    if algo == "loha":
+        rank = _loha_rank(name, parts)
+    elif algo == "lokr":
+        rank = _lokr_rank(name, parts)
+    else:
+        rank = _lora_rank(name, parts)
+    if "alpha" in parts and parts["alpha"].numel() != 1:
+        raise LoRALabError(
+            f"Module '{name}': alpha must be a single number, got shape {tuple(parts['alpha'].shape)}."
+        )
+    return rank
+
+
+def module_algorithm(parts: Mapping[str, torch.Tensor]) -> str:
+    """"lora", "dora", "loha" or "lokr" from the tensors a module has."""
+    if any(p.startswith("hada_") for p in parts):
+        return "loha"
+    if any(p.startswith("lokr_") for p in parts):
+        return "lokr"
+    return "dora" if "dora_scale" in parts else "lora"
+
+
+def _lora_rank(name: str, parts: Mapping[str, torch.Tensor]) -> int:
     missing = [p for p in ("down", "up") if p not in parts]
     if missing:
         # Every loader indexes both halves; a lone half crashes them instead of being skipped.
@@ -117,10 +147,44 @@ def _module_rank(name: str, parts: Mapping[str, torch.Tensor]) -> int:
             f"Module '{name}': lora_down has rank {rank} (shape {tuple(down.shape)}) but lora_up "
             f"expects rank {int(up.shape[1])} (shape {tuple(up.shape)}); the halves do not belong together."
         )
-    if "alpha" in parts and parts["alpha"].numel() != 1:
+    if "dora_scale" in parts and parts["dora_scale"].numel() not in (int(up.shape[0]), int(down.shape[1])):
         raise LoRALabError(
-            f"Module '{name}': alpha must be a single number, got shape {tuple(parts['alpha'].shape)}."
+            f"Module '{name}': dora_scale has shape {tuple(parts['dora_scale'].shape)}, which fits neither the "
+            "layer's outputs nor its inputs; the file is damaged."
         )
+    return rank
+
+
+def _pair_rank(name: str, parts: Mapping[str, torch.Tensor], a: str, b: str) -> int:
+    """Rank of a factor pair a [rows, r] @ b [r, cols]; both must be there and fit."""
+    if a not in parts or b not in parts:
+        have, lack = (a, b) if a in parts else (b, a)
+        raise LoRALabError(f"Module '{name}' has {have} but no {lack}; the file is damaged or incomplete.")
+    ta, tb = parts[a], parts[b]
+    if ta.ndim != 2 or tb.ndim != 2 or ta.shape[1] != tb.shape[0] or ta.shape[1] == 0:
+        raise LoRALabError(
+            f"Module '{name}': {a} {tuple(ta.shape)} and {b} {tuple(tb.shape)} do not multiply "
+            "(expected [rows, r] and [r, cols]); the file is damaged."
+        )
+    return int(ta.shape[1])
+
+
+def _loha_rank(name: str, parts: Mapping[str, torch.Tensor]) -> int:
+    if "hada_t1" in parts or "hada_t2" in parts:
+        raise LoRALabError(f"Module '{name}': Tucker LoHa (hada_t1/hada_t2) is not supported.")
+    rank = _pair_rank(name, parts, "hada_w1_a", "hada_w1_b")
+    _pair_rank(name, parts, "hada_w2_a", "hada_w2_b")
+    return rank
+
+
+def _lokr_rank(name: str, parts: Mapping[str, torch.Tensor]) -> int:
+    rank = 1
+    for w in ("lokr_w1", "lokr_w2"):
+        if w in parts:
+            continue
+        if f"{w}_a" not in parts and f"{w}_b" not in parts:
+            raise LoRALabError(f"Module '{name}' has no {w} (nor {w}_a/{w}_b); a LoKr module needs both factors.")
+        rank = _pair_rank(name, parts, f"{w}_a", f"{w}_b")  # ComfyUI divides by the last decomposed factor's rank
     return rank
 
 
@@ -189,16 +253,17 @@ def save_lora(
                 f"Module '{name}' has no alpha. Without it loaders use scale 1.0 instead of "
                 "alpha/rank and the LoRA looks different than in training; pass its alpha."
             )
-        for suffix, part in ((DOWN, "down"), (UP, "up")):
-            src = parts[part]
+        for part in sorted(p for p in parts if p != "alpha"):
+            src, suffix = parts[part], _SUFFIX[part]
+            label = suffix.lstrip(".").replace(".weight", "")
             if not src.is_floating_point():
-                raise LoRALabError(f"Module '{name}': lora_{part} must be a float tensor, got {src.dtype}.")
+                raise LoRALabError(f"Module '{name}': {label} must be a float tensor, got {src.dtype}.")
             # copy=True: the written tensor must not share memory with a live training parameter.
             out = src.detach().to(device="cpu", dtype=dtype or src.dtype, copy=True).contiguous()
             overflow = ""
             if dtype is not None and bool(torch.isfinite(src).all()):
                 overflow = f" after casting to {dtype} (too large for it; save in bf16 or fp32)"
-            _require_finite(name, f"lora_{part}", out, overflow)
+            _require_finite(name, label, out, overflow)
             tensors[name + suffix] = out
         alpha = parts["alpha"].detach().to(device="cpu", dtype=torch.float32, copy=True).reshape(())
         _require_finite(name, "alpha", alpha)
@@ -440,6 +505,10 @@ def build_metadata(
     time), ss_optimizer, ss_lr_scheduler, ss_v2, and modelspec.sai_model_spec / architecture /
     implementation / title / date (UTC ISO 8601 of `started_at`).
 
+    `network.network_args()` names a LyCORIS algorithm ({"algo": "lokr", "factor": "-1", ...});
+    with it ss_network_module is "lycoris.kohya", as LyCORIS writes, so other tools recognise
+    LoKr / LoHa / DoRA files, and the args join ss_network_args.
+
     `extra` adds keys after these (and may override them): keys starting with "ss_",
     "modelspec." or "lora_lab_" are kept, any other key gets a "lora_lab_" prefix (so
     {"version": "0.1.0"} becomes lora_lab_version); non-string values are str()/JSON-encoded.
@@ -452,18 +521,18 @@ def build_metadata(
         raise ConfigError("output_name", "must not be empty; give the LoRA a file name.")
 
     version, architecture, implementation = _BASE_MODELS[base_model]
-    network_args = {}
+    args = network.network_args()
     if network.conv_rank > 0:
         # sd-scripts records network args as the strings given on its command line.
-        network_args = {"conv_dim": str(network.conv_rank), "conv_alpha": str(float(network.conv_alpha))}
+        args.update(conv_dim=str(network.conv_rank), conv_alpha=str(float(network.conv_alpha)))
 
     metadata = {
         "ss_base_model_version": version,
         "ss_output_name": output_name,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": "lycoris.kohya" if "algo" in args else "networks.lora",
         "ss_network_dim": str(network.rank),
         "ss_network_alpha": str(float(network.alpha)),
-        "ss_network_args": json.dumps(network_args),
+        "ss_network_args": json.dumps(args),
         "ss_learning_rate": str(float(learning_rate)),
         "ss_unet_lr": str(float(learning_rate)),
         "ss_text_encoder_lr": "None" if text_encoder_lr is None else str(float(text_encoder_lr)),

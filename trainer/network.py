@@ -1,8 +1,10 @@
 """LoRA modules and the network that attaches them to a base model without changing it.
 
-Math (per adapted module, Linear or Conv2d):
+Math (per adapted module, Linear or Conv2d), for the default algorithm "lora":
 
     y = base(x) + strength * (alpha / rank) * up(down(dropout(x)))
+
+LoKr, LoHa and DoRA (NetworkConfig.algorithm) are described in trainer/adapters.py.
 
 `down` starts with Kaiming-uniform weights and `up` with zeros, so at step 0 the adapted model
 computes exactly what the base model computes.
@@ -13,7 +15,7 @@ Public API:
     find_targets(root, prefix, containers, ...)  -> list[Target]
     kohya_name(prefix, path)                     -> "lora_unet_down_blocks_0_..."
     is_text_encoder(name)                        -> True for lora_te* modules
-    LoRAModule(base, rank, alpha, dropout)       one adapter
+    make_adapter(algorithm, base, ...)           one adapter: LoRA, LoKr, LoHa or DoRA (trainer.adapters)
     LoRANetwork(targets, config)                 all adapters; `with network.applied(): ...`
         .param_groups() -> {"unet": [...], "text_encoder": [...]}
         .to_kohya(dtype) -> dict[str, Tensor]      (trainer.io writes it)
@@ -39,6 +41,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from .adapters import ALGORITHMS, Adapter, DoRAModule, LoRAModule, make_adapter  # noqa: F401 (LoRAModule re-exported)
 from .errors import ConfigError, LoRALabError
 
 # Which modules are adapted, by preset. Each preset filters the Linear / 1x1-conv leaves found
@@ -66,6 +69,9 @@ class NetworkConfig:
     dropout: float = 0.0
     targets: str = "attn_mlp"
     train_text_encoder: bool = False
+    algorithm: str = "lora"  # lora, lokr, loha, dora (trainer.adapters)
+    lokr_factor: int = -1  # LoKr: size of the small Kronecker factor; -1 = as square as possible
+    lokr_decompose: bool = True  # LoKr: the larger factor as a rank-r product (alpha applies) or full
 
     def __post_init__(self):
         lo, hi = RANK_RANGE
@@ -79,12 +85,27 @@ class NetworkConfig:
             raise ConfigError("conv_alpha", f"must be > 0 when conv_rank is set, got {self.conv_alpha!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout!r}; 0 (off) or 0.05-0.1 are usual.")
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError("algorithm", f"unknown algorithm {self.algorithm!r}; choose one of {', '.join(ALGORITHMS)}.")
+        if not isinstance(self.lokr_factor, int) or (self.lokr_factor < 1 and self.lokr_factor != -1):
+            raise ConfigError("lokr_factor", f"must be -1 (automatic) or a whole number from 1 up, got {self.lokr_factor!r}; 4-16 is usual.")
         if self.targets not in TARGET_PRESETS:
             raise ConfigError("targets", f"unknown preset {self.targets!r}; choose one of {', '.join(TARGET_PRESETS)}.")
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def network_args(self) -> dict[str, str]:
+        """LyCORIS' ss_network_args for this algorithm (strings, as its command line records them)."""
+        if self.algorithm == "lora":
+            return {}
+        if self.algorithm == "dora":
+            return {"algo": "lora", "dora_wd": "True", "wd_on_out": "False"}
+        args = {"algo": self.algorithm}
+        if self.algorithm == "lokr":
+            args.update(factor=str(self.lokr_factor), full_matrix=str(not self.lokr_decompose))
+        return args
 
 
 @dataclass(frozen=True)
@@ -155,40 +176,6 @@ def find_targets(
     return list(found.values())
 
 
-class LoRAModule(nn.Module):
-    """down/up pair for one base module. Weights are fp32 whatever the base dtype."""
-
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__()
-        if isinstance(base, nn.Linear):
-            in_dim, out_dim = base.in_features, base.out_features
-            self.down = nn.Linear(in_dim, rank, bias=False)
-            self.up = nn.Linear(rank, out_dim, bias=False)
-        elif isinstance(base, nn.Conv2d):
-            in_dim, out_dim = base.in_channels, base.out_channels
-            self.down = nn.Conv2d(in_dim, rank, base.kernel_size, base.stride, base.padding, base.dilation, bias=False)
-            self.up = nn.Conv2d(rank, out_dim, 1, bias=False)
-        else:
-            raise LoRALabError(f"cannot adapt a {type(base).__name__}: only Linear and Conv2d layers take a LoRA.")
-        if rank > min(in_dim, out_dim):
-            raise ConfigError("rank", f"{rank} is larger than a target layer's width ({in_dim}->{out_dim}); use rank <= {min(in_dim, out_dim)}.")
-        self.rank = rank
-        self.register_buffer("alpha", torch.tensor(float(alpha)), persistent=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
-
-    @property
-    def scale(self) -> float:
-        return float(self.alpha) / self.rank
-
-    def forward(self, x: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-        weight_dtype = self.down.weight.dtype
-        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(weight_dtype)
-        return self.up(self.down(self.dropout(x))) * (self.scale * strength)
-
-
 class LoRANetwork(nn.Module):
     """All LoRA modules of one training session, keyed by kohya name."""
 
@@ -202,17 +189,36 @@ class LoRANetwork(nn.Module):
         self._bases: dict[str, nn.Module] = {}
         for t in targets:
             rank, alpha = (config.conv_rank, config.conv_alpha) if t.kind == "conv3x3" else (config.rank, config.alpha)
-            self.loras[t.name] = LoRAModule(t.module, rank, alpha, config.dropout)
+            self.loras[t.name] = make_adapter(config.algorithm, t.module, rank, alpha, config.dropout, config.lokr_factor, config.lokr_decompose)
             self._bases[t.name] = t.module
         self._applied = False
 
     def _hook(self, name: str):
         lora = self.loras[name]
+        if isinstance(lora, DoRAModule):
+            return self._dora_hooks(name, lora)
 
         def hook(module, args, output):
             return output + lora(args[0], self.strength).to(output.dtype)
 
         return hook
+
+    def _dora_hooks(self, name: str, dora: DoRAModule):
+        """DoRA rescales the layer's input (h = 1 + s(g - 1)) before it runs and adds s·ΔW(g ⊙ x) after."""
+        pending: list = []
+
+        def pre(module, args):
+            x = args[0]
+            gain = dora.input_gain(module)
+            h = 1 + self.strength * (gain - 1)
+            pending.append((x, gain))
+            return (x * dora.gain_view(h, x).to(x.dtype), *args[1:])
+
+        def post(module, args, output):
+            x, gain = pending.pop()
+            return output + dora.forward_scaled(x, gain, self.strength).to(output.dtype)
+
+        return pre, post
 
     @contextmanager
     def applied(self) -> Iterator["LoRANetwork"]:
@@ -220,7 +226,13 @@ class LoRANetwork(nn.Module):
         if self._applied:
             yield self
             return
-        handles = [base.register_forward_hook(self._hook(name)) for name, base in self._bases.items()]
+        handles = []
+        for name, base in self._bases.items():
+            hook = self._hook(name)
+            if isinstance(hook, tuple):
+                handles.append(base.register_forward_pre_hook(hook[0]))
+                hook = hook[1]
+            handles.append(base.register_forward_hook(hook))
         self._applied = True
         try:
             yield self
@@ -236,18 +248,26 @@ class LoRANetwork(nn.Module):
         return groups
 
     def to_kohya(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Kohya layout: NAME.lora_down.weight, NAME.lora_up.weight, NAME.alpha (0-dim)."""
+        """The file's tensors in the format ComfyUI reads for the algorithm: NAME.lora_down.weight /
+        NAME.lora_up.weight (+ NAME.dora_scale), NAME.hada_w1_a ..., NAME.lokr_w1 / NAME.lokr_w2(_a/_b),
+        and NAME.alpha (0-dim float32) for every module."""
         out: dict[str, torch.Tensor] = {}
         for name, lora in self.loras.items():
-            for part in ("down", "up"):
-                w = getattr(lora, part).weight.detach().to("cpu")
-                out[f"{name}.lora_{part}.weight"] = w.to(dtype) if dtype else w.clone()
-            out[f"{name}.alpha"] = lora.alpha.detach().to("cpu", torch.float32).clone()
+            for key, t in lora.to_file().items():
+                t = t.detach().to("cpu")
+                if key == "alpha":
+                    out[f"{name}.alpha"] = t.to(torch.float32).clone()
+                else:
+                    out[f"{name}.{key}"] = t.to(dtype) if dtype else t.clone()
         return out
 
     def load_kohya(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copies saved weights in; every module must be present with the same rank and shapes."""
-        missing = [n for n in self.loras if f"{n}.lora_down.weight" not in weights]
+        """Copies saved weights in; every module must be present with the same algorithm and shapes."""
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in weights.items():
+            name, _, suffix = key.partition(".")
+            parts.setdefault(name, {})[suffix] = t
+        missing = [n for n in self.loras if n not in parts]
         if missing:
             raise LoRALabError(
                 f"the LoRA to continue from lacks {len(missing)} of this network's {len(self.loras)} modules "
@@ -255,18 +275,7 @@ class LoRANetwork(nn.Module):
                 "Use the same network settings, or start a new LoRA."
             )
         for name, lora in self.loras.items():
-            for part in ("down", "up"):
-                src = weights[f"{name}.lora_{part}.weight"]
-                dst = getattr(lora, part).weight
-                if src.shape != dst.shape:
-                    raise LoRALabError(
-                        f"{name}: saved lora_{part} has shape {tuple(src.shape)}, this network expects {tuple(dst.shape)}; "
-                        "set rank (and conv_rank) to the values the LoRA was trained with."
-                    )
-                with torch.no_grad():
-                    dst.copy_(src.to(dst.dtype))
-            if f"{name}.alpha" in weights:
-                lora.alpha.fill_(float(weights[f"{name}.alpha"]))
+            lora.load_file(name, parts[name])
 
     def rebind(self, targets: list[Target]) -> None:
         """Points the adapters at another instance of the same model (e.g. after ComfyUI reloaded

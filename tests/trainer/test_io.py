@@ -199,9 +199,14 @@ def test_load_refuses_lone_half_and_foreign_keys(tmp_path):
     with pytest.raises(LoRALabError, match=TE):
         load_lora(path)
 
-    foreign = tmp_path / "loha.safetensors"
-    save_file({f"{ATTN}.hada_w1_a": torch.zeros(4, 4)}, str(foreign))
-    with pytest.raises(LoRALabError, match="not kohya LoRA weights"):
+    lone = tmp_path / "loha.safetensors"
+    save_file({f"{ATTN}.hada_w1_a": torch.zeros(4, 4)}, str(lone))
+    with pytest.raises(LoRALabError, match="hada_w1_a but no hada_w1_b"):
+        load_lora(lone)
+
+    foreign = tmp_path / "oft.safetensors"
+    save_file({f"{ATTN}.oft_blocks": torch.zeros(4, 4)}, str(foreign))
+    with pytest.raises(LoRALabError, match="not kohya / LyCORIS LoRA weights"):
         load_lora(foreign)
 
 
