@@ -129,14 +129,14 @@ def _warm_up_optimizer(device) -> None:
 def run(family, size, res, batch, steps, gc, fp8, optimizer="AdamW", rank=16, mixed_precision=None, warmup=1, seed=0) -> dict:
     import torch
     import comfy.model_management as mm
-    from trainer import comfy_adapter
+    from trainer import comfy_adapter, recipe
     from trainer.data import Example
-    from trainer.loop import Session, TrainConfig
-    from trainer.network import LoRANetwork, NetworkConfig
+    from trainer.network import NetworkConfig
     from trainer.objective import ObjectiveConfig
     from trainer.optimizers import OptimizerConfig
     from trainer.precision import PrecisionConfig
     from trainer.schedule import ScheduleConfig
+    from trainer.spec import TrainConfig, TrainingSpec
 
     device = mm.get_torch_device()
     cuda = device.type == "cuda"
@@ -154,21 +154,20 @@ def run(family, size, res, batch, steps, gc, fp8, optimizer="AdamW", rank=16, mi
                             [{"cross_attn": torch.randn(tokens, width, generator=g),
                               "pooled_output": torch.randn(pooled, generator=g) if pooled else None, "extra": {}}], 1, f"img{i}")
                     for i in range(max(4, batch))]
-        net_config = NetworkConfig(rank=rank, alpha=float(rank))
-        network = LoRANetwork(comfy_adapter.unet_targets(denoiser.model, net_config), net_config)
-        precision = PrecisionConfig(mixed_precision=mixed_precision, fp8_base=fp8, gradient_checkpointing=gc)
-        session = Session(denoiser, examples, network, optimizer=OptimizerConfig(name=optimizer, unet_lr=1e-4),
-                          schedule=ScheduleConfig(name="constant"), precision=precision,
-                          objective=ObjectiveConfig(timestep_sampling="sigmoid" if family == "flux" else "uniform"),
-                          train=TrainConfig(steps=warmup + steps, batch_size=batch, seed=seed))
-        with comfy_adapter.fp8_base(dm, fp8):
-            estimate = comfy_adapter.estimate_memory(denoiser, network, examples, optimizer, batch, precision)
-            checkpointing = comfy_adapter.gradient_checkpointing(dm) if gc else nullcontext()
+        spec = TrainingSpec(network=NetworkConfig(rank=rank, alpha=float(rank)), optimizer=OptimizerConfig(name=optimizer, unet_lr=1e-4),
+                            schedule=ScheduleConfig(name="constant"), precision=PrecisionConfig(mixed_precision=mixed_precision, fp8_base=fp8, gradient_checkpointing=gc),
+                            objective=ObjectiveConfig(timestep_sampling="sigmoid" if family == "flux" else "uniform"),
+                            train=TrainConfig(steps=warmup + steps, batch_size=batch, seed=seed))
+        session = recipe.start_session(denoiser, comfy_adapter.unet_targets(denoiser.model, spec.network), examples, spec)
+        network = session.network
+        # The recipe's training contexts (fp8 base, then checkpointing), held open across both timed runs.
+        with denoiser.training_context(session.precision):
+            estimate = comfy_adapter.estimate_memory(denoiser, network, examples, optimizer, batch, session.precision)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             sampler = _PeakRSS() if not cuda else nullcontext()
-            with checkpointing, sampler:
+            with denoiser.recompute_context(session.precision), sampler:
                 session.run(until_step=warmup)
                 if cuda:
                     torch.cuda.synchronize()

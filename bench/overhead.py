@@ -64,21 +64,15 @@ def make_examples(seed: int = 0):
 
 
 def lab_session(denoiser, examples, rank=16, alpha=16.0, seed=0, **network):
-    """A Session with the node defaults (LoRA Lab Train with no config nodes on CPU), fp32, no checkpointing."""
-    import torch
-    from trainer import comfy_adapter
-    from trainer.loop import Session, TrainConfig
-    from trainer.network import LoRANetwork, NetworkConfig
-    from trainer.optimizers import OptimizerConfig
+    """A Session from the recipe with the node defaults (LoRA Lab Train with no config nodes on CPU), fp32, no checkpointing."""
+    from trainer import comfy_adapter, recipe
+    from trainer.network import NetworkConfig
     from trainer.precision import PrecisionConfig
-    from trainer.schedule import ScheduleConfig
+    from trainer.spec import TrainConfig, TrainingSpec
 
-    config = NetworkConfig(rank=rank, alpha=alpha, **network)
-    torch.manual_seed(seed)
-    net = LoRANetwork(comfy_adapter.unet_targets(denoiser.model, config), config)
-    return Session(denoiser, examples, net, optimizer=OptimizerConfig(), schedule=ScheduleConfig(name="cosine", warmup_ratio=0.05),
-                   precision=PrecisionConfig(mixed_precision="fp32", gradient_checkpointing=False),
-                   train=TrainConfig(steps=100_000, seed=seed))
+    spec = TrainingSpec(network=NetworkConfig(rank=rank, alpha=alpha, **network), precision=PrecisionConfig(mixed_precision="fp32", gradient_checkpointing=False),
+                        train=TrainConfig(steps=100_000, seed=seed))
+    return recipe.start_session(denoiser, comfy_adapter.unet_targets(denoiser.model, spec.network), examples, spec)
 
 
 class BareLoop:

@@ -16,12 +16,19 @@ Per family:
 Options left at None take the family's default (FAMILY_DEFAULTS). Inputs that no option sets are in
 FIXED_INPUTS, per node class: a new node input with a default is added there, once.
 
-No ComfyUI imports: this is data.
+No ComfyUI imports: this is data. The options' defaults are the engine's config defaults (the
+same the nodes' widgets show), read from the config classes, so a default is written once.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+
+from trainer.network import NetworkConfig
+from trainer.optimizers import OptimizerConfig
+from trainer.precision import PrecisionConfig
+from trainer.schedule import ScheduleConfig
+from trainer.spec import TrainConfig
 
 # Node ids, stable so tests and the UI twin can refer to them.
 CKPT, DATASET, NETWORK, OPTIMIZER, PRECISION, TRAIN, SAVE, REPORT, REPORT_SAVE = "1", "2", "3", "4", "5", "6", "7", "8", "9"
@@ -45,11 +52,11 @@ FAMILY_DEFAULTS = {
 # Inputs no option sets, per node class (merged under the inputs the builder sets).
 FIXED_INPUTS = {
     "LoRALabDataset": {"bucket": True},
-    "LoRALabNetwork": {"targets": "attn_mlp", "conv_rank": 0, "conv_alpha": 1.0, "dropout": 0.0},
-    "LoRALabOptimizer": {"text_encoder_lr": 5e-5, "weight_decay": 0.01, "warmup_steps": 0, "min_lr_ratio": 0.0,
-                         "cycles": 1, "power": 1.0},
-    "LoRALabPrecision": {"max_grad_norm": 1.0},
-    "LoRALabTrain": {"gradient_accumulation": 1, "mode": "continue"},
+    "LoRALabNetwork": {k: getattr(NetworkConfig, k) for k in ("targets", "conv_rank", "conv_alpha", "dropout")},
+    "LoRALabOptimizer": {"text_encoder_lr": OptimizerConfig.text_encoder_lr, "weight_decay": OptimizerConfig.weight_decay,
+                         **{k: getattr(ScheduleConfig, k) for k in ("warmup_steps", "min_lr_ratio", "cycles", "power")}},
+    "LoRALabPrecision": {"max_grad_norm": PrecisionConfig.max_grad_norm},
+    "LoRALabTrain": {"gradient_accumulation": TrainConfig.gradient_accumulation, "mode": "continue"},
     "LoRALabSaveLoRA": {"overwrite": False},
     "LoRALabTrainingReport": {"width": 1024, "height": 640},
     "LoRALabStrengthSweep": {"sampler_name": "euler"},
@@ -70,22 +77,22 @@ class TrainingOptions:
     resolution: int | None = None
     repeats: int = 1
     trigger_word: str = ""
-    rank: int = 16
-    alpha: float = 16.0
-    optimizer: str = "AdamW"
-    unet_lr: float = 1e-4
-    scheduler: str = "cosine"
-    warmup_ratio: float = 0.05
+    rank: int = NetworkConfig.rank
+    alpha: float = NetworkConfig.alpha
+    optimizer: str = OptimizerConfig.name
+    unet_lr: float = OptimizerConfig.unet_lr
+    scheduler: str = ScheduleConfig.name
+    warmup_ratio: float = ScheduleConfig.warmup_ratio
     mixed_precision: str | None = None
     fp8_base: bool | None = None
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = PrecisionConfig.gradient_checkpointing
     save_dtype: str | None = None
-    steps: int = 500
-    batch_size: int = 1
-    seed: int = 42
+    steps: int = TrainConfig.steps
+    batch_size: int = TrainConfig.batch_size
+    seed: int = TrainConfig.seed
     min_snr_gamma: float = 0.0
     timestep_sampling: str | None = None
-    validation_split: float = 0.0
+    validation_split: float = TrainConfig.validation_split
     test_prompt: str = "a photo"
     strengths: str = "0, 0.5, 1.0, 1.5, 1.8"
     test_steps: int | None = None

@@ -385,12 +385,13 @@ class ComfyDenoiser:
         with autograd_safe(self.model.diffusion_model):
             return self.model.apply_model(x, sigma, **kwargs)
 
-    @contextmanager
-    def training_context(self, precision) -> Iterator[None]:
-        """fp8 base weights and gradient checkpointing, for the duration of training only."""
-        dm = self.model.diffusion_model
-        with fp8_base(dm, precision.fp8_base), gradient_checkpointing(dm) if precision.gradient_checkpointing else nullcontext():
-            yield
+    def training_context(self, precision):
+        """fp8 base weights, for the duration of training only (the memory estimate runs inside)."""
+        return fp8_base(self.model.diffusion_model, precision.fp8_base)
+
+    def recompute_context(self, precision):
+        """Gradient checkpointing while the steps run (entered after the memory estimate's probe)."""
+        return gradient_checkpointing(self.model.diffusion_model) if precision.gradient_checkpointing else nullcontext()
 
     def check_memory(self, session) -> str:
         """Estimates the run's peak memory (once per session), logs it, and stops with the ways to

@@ -10,8 +10,9 @@ The Train node, the benchmarks and any other driver call these functions in this
 The model is reached through the engine's Denoiser protocol (`trainer.loop`). A denoiser may also
 offer, and ComfyUI's adapter does:
     load()                                  put the model on its device, ready for autograd
-    training_context(precision)             fp8 base weights and gradient checkpointing while training
+    training_context(precision)             how the base weights are stored while training (fp8)
     check_memory(session) -> str            estimate the run's peak memory, refuse a run that can't fit
+    recompute_context(precision)            gradient checkpointing while the steps run
     latent_in(raw_latent)                   a VAE latent -> the model's latent space
     family                                  the model family, for the file's metadata
 
@@ -107,13 +108,14 @@ def train(session: Session, until: int, on_step: Callable[[StepInfo], None] | No
     denoiser = session.denoiser
     if hasattr(denoiser, "load"):
         denoiser.load()
-    context = denoiser.training_context(session.precision) if hasattr(denoiser, "training_context") else nullcontext()
+    storage = denoiser.training_context(session.precision) if hasattr(denoiser, "training_context") else nullcontext()
     warning = check_device_support(session.precision, denoiser.device)
     notes = [warning] if warning else []
-    with context:
+    with storage:
         if hasattr(denoiser, "check_memory"):
             notes.append(denoiser.check_memory(session))
-        session.run(until_step=until, callback=on_step)
+        with denoiser.recompute_context(session.precision) if hasattr(denoiser, "recompute_context") else nullcontext():
+            session.run(until_step=until, callback=on_step)
     return notes
 
 

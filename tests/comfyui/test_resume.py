@@ -130,7 +130,7 @@ def test_a_chained_runs_file_describes_the_session_that_trained(srv):
 
 
 def test_an_unconnected_precision_input_is_the_precision_node_at_its_defaults(srv):
-    defaults = {k: v[1]["default"] for k, v in srv.object_info("LoRALabPrecision")["LoRALabPrecision"]["input"]["required"].items()}
+    defaults = {k: v[1]["default"] for k, v in srv.object_info("LoRALabPrecision")["input"]["required"].items()}
     with_node = train_prompt("80", steps=3, output_name="p1")
     with_node[PRECISION] = node("LoRALabPrecision", **defaults)
     without = train_prompt("81", steps=3, output_name="p2")

@@ -229,7 +229,7 @@ def test_dora_with_fp8_base_weights_matches_the_dequantised_weight(dora_hooks_fi
     from contextlib import ExitStack
 
     from trainer.adapters import FP8_DTYPES
-    from trainer.precision import store_base_fp8
+    from trainer.fp8 import store_base_fp8
 
     torch.manual_seed(5)
     base = nn.Linear(48, 40).requires_grad_(False)
