@@ -127,3 +127,16 @@ def make_examples(n=6, seed=1, shape=(4, 8, 8), repeats=1, ctx=(3, 8)) -> list[E
         lat = torch.sin(3 * xx * (1 + i % 3) + phase) * torch.cos(2 * yy + phase) * 1.5
         out.append(Example([lat], [torch.randn(*ctx, generator=g)], repeats=repeats, name=f"img{i}"))
     return out
+
+
+def frozen(module: nn.Module) -> nn.Module:
+    """`module` with every parameter frozen (a base model's layers)."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| in fp32."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm())

@@ -21,7 +21,7 @@ for p in (str(HERE), str(REPO_ROOT)):
         sys.path.insert(0, p)
 
 from comfy_server import execution_error  # noqa: E402
-from conftest import _place  # noqa: E402
+from conftest import _place, _serving  # noqa: E402
 from test_integrity import UNET_CHANGED, _changed_copy  # noqa: E402
 from tiny_models import DATASET_DIR_NAME, TINY_CKPT_NAME, UNET_PREFIX, make_dataset  # noqa: E402
 from headless.server import ComfyServer  # noqa: E402
@@ -36,13 +36,7 @@ def srv(comfyui_path, tiny_checkpoint, tmp_path_factory):
     _place(tiny_checkpoint, base / "models" / "checkpoints" / TINY_CKPT_NAME)
     _changed_copy(tiny_checkpoint, base / "models" / "checkpoints" / UNET_CHANGED, UNET_PREFIX)
     make_dataset(base / "input" / DATASET_DIR_NAME, n=8, size=64, seed=0)
-    server = ComfyServer(comfyui_path, base)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        sys.stderr.write(f"\n[comfyui] server log: {server.log_path}\n")
+    yield from _serving(ComfyServer(comfyui_path, base))
 
 
 def train_prompt(node_id: str, checkpoint=TINY_CKPT_NAME, **kw) -> dict:
@@ -84,6 +78,22 @@ def test_killed_after_a_save_every_checkpoint_resumes_like_an_uninterrupted_twin
     assert resumed["history"]["step"] == twin["history"]["step"] == list(range(1, 9))
     assert resumed["history"]["loss"] == twin["history"]["loss"]  # bit for bit, steps 5-8 included
     assert resumed["history"]["lr"] == twin["history"]["lr"]
+
+
+def test_the_lr_preview_of_a_finished_run_shows_its_cycle_and_the_next_one(srv):
+    import json
+    import urllib.request
+
+    body = {"scheduler": "cosine", "warmup_ratio": 0.05, "unet_lr": 1e-3, "steps": 8, "train_node": "61"}
+    req = urllib.request.Request(srv.url + "/lora_lab/schedule_preview", data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        answer = json.loads(r.read())
+    assert answer["continues_from"] == 8 and answer["steps"] == 16, answer
+    plan = dict((int(s), lr) for s, lr in answer["points"])
+    trained = info(srv.run(train_prompt("63", output_name="lr_twin"), timeout=900), "63")["history"]["lr"]
+    assert [plan[k] for k in range(8)] == pytest.approx(trained, rel=1e-9)  # what the first 8 steps followed
+    assert plan[7] < 0.1 * plan[8] and plan[8] == pytest.approx(1e-3)  # then a new cycle from the peak, not mid-curve
+    assert [plan[8 + k] for k in range(8)] == pytest.approx(trained, rel=1e-9)  # the same 8-step cosine again
 
 
 def test_a_state_from_another_model_is_refused_naming_the_input(srv):

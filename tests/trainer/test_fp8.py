@@ -6,21 +6,11 @@ from torch import nn
 from trainer.errors import TrainingError
 from trainer.fp8 import store_base_fp8
 from trainer.precision import PrecisionConfig, autocast
+from tests.toys import frozen, rel_err
 
 
 def parameter_bytes(module: nn.Module) -> int:
     return sum(t.nbytes for t in module.parameters()) + sum(t.nbytes for t in module.buffers())
-
-def _frozen(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm())
-
 
 
 # --- fp8 base weights ------------------------------------------------------------------------
@@ -28,7 +18,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _mlp(bias=False):
     torch.manual_seed(0)
-    return _frozen(nn.Sequential(nn.Linear(64, 256, bias=bias), nn.GELU(), nn.Linear(256, 64, bias=bias)))
+    return frozen(nn.Sequential(nn.Linear(64, 256, bias=bias), nn.GELU(), nn.Linear(256, 64, bias=bias)))
 
 
 def test_fp8_cuts_weight_bytes_about_four_times():
@@ -52,22 +42,22 @@ def test_fp8_outputs_close_and_module_identity_kept():
     out = model(x)
     assert model[0] is first and set(model.state_dict()) == keys
     assert out.dtype == torch.float32
-    assert _rel_err(out, ref) < 0.06
+    assert rel_err(out, ref) < 0.06
     assert model[0].weight.dtype == torch.float8_e4m3fn  # fp8 again after the call
 
 
 def test_fp8_conv2d_close():
     torch.manual_seed(0)
-    conv = _frozen(nn.Conv2d(8, 16, 3, padding=1))
+    conv = frozen(nn.Conv2d(8, 16, 3, padding=1))
     x = torch.randn(2, 8, 6, 6)
     ref = conv(x)
     store_base_fp8([conv])
-    assert _rel_err(conv(x), ref) < 0.06
+    assert rel_err(conv(x), ref) < 0.06
 
 
 def test_fp8_gradients_reach_input_and_side_branch():
     torch.manual_seed(0)
-    base = _frozen(nn.Linear(16, 16))
+    base = frozen(nn.Linear(16, 16))
     pre = nn.Linear(16, 16)  # trainable layer before the fp8 one
     lora = nn.Linear(16, 16, bias=False)
     handle = store_base_fp8([base, pre, lora])
@@ -82,13 +72,13 @@ def test_fp8_gradients_reach_input_and_side_branch():
 
 
 def test_fp8_scale_keeps_large_weights_from_saturating():
-    lin = _frozen(nn.Linear(4, 3, bias=False))
+    lin = frozen(nn.Linear(4, 3, bias=False))
     with torch.no_grad():
         lin.weight.copy_(torch.tensor([[1000.0, -600.0, 2.0, 0.5], [300.0, 10.0, -1000.0, 7.0], [1.0, 2.0, 3.0, 4.0]]))
     x = torch.randn(5, 4)
     ref = lin(x)
     store_base_fp8([lin])
-    assert _rel_err(lin(x), ref) < 0.06
+    assert rel_err(lin(x), ref) < 0.06
     assert abs(lin.weight_fp8_scale.item() - 1000.0 / 448.0) < 1e-4
 
 
@@ -100,7 +90,7 @@ def test_fp8_under_bf16_autocast_small():
     with autocast(PrecisionConfig(mixed_precision="bf16"), "cpu"):
         out = model(x)
     assert out.dtype == torch.bfloat16
-    assert _rel_err(out, ref) < 0.08
+    assert rel_err(out, ref) < 0.08
     out.float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
@@ -115,7 +105,7 @@ def test_fp8_with_gradient_checkpointing():
 
 
 def test_fp8_weight_restored_after_failed_call():
-    lin = _frozen(nn.Linear(8, 4))
+    lin = frozen(nn.Linear(8, 4))
     store_base_fp8([lin])
     with pytest.raises(RuntimeError):
         lin(torch.randn(2, 5))
@@ -133,7 +123,7 @@ def test_fp8_restore_lossy_by_default():
     for m, w in zip((model[0], model[2]), originals):
         assert m.weight.dtype == torch.float32 and not m.weight.requires_grad
         assert not hasattr(m, "weight_fp8_scale")
-        assert _rel_err(m.weight, w) < 0.06
+        assert rel_err(m.weight, w) < 0.06
         assert not torch.equal(m.weight, w)
     # Hooks are gone: the module computes with the restored weight as a plain Linear does.
     x = torch.randn(3, 64)
@@ -149,7 +139,7 @@ def test_fp8_restore_exact_with_keep_original():
 
 
 def test_fp8_dtype_cast_behind_our_back_is_reported():
-    lin = _frozen(nn.Linear(4, 4))
+    lin = frozen(nn.Linear(4, 4))
     store_base_fp8([lin])
     lin.to(torch.float64)
     with pytest.raises(TrainingError):
@@ -160,7 +150,7 @@ def test_fp8_tiny_weights_under_fp16_autocast_small():
     # The scale of 1e-4-sized weights (~2e-7) is below fp16's normal range; dequantizing must not
     # lose it.
     torch.manual_seed(0)
-    lin = _frozen(nn.Linear(32, 8, bias=False))
+    lin = frozen(nn.Linear(32, 8, bias=False))
     with torch.no_grad():
         lin.weight.mul_(1e-4 / lin.weight.abs().max())
     x = torch.randn(4, 32)
@@ -169,4 +159,4 @@ def test_fp8_tiny_weights_under_fp16_autocast_small():
     with autocast(PrecisionConfig(mixed_precision="fp16"), "cpu"):
         out = lin(x)
     assert out.dtype == torch.float16
-    assert _rel_err(out, ref) < 0.06
+    assert rel_err(out, ref) < 0.06

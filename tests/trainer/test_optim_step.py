@@ -8,17 +8,6 @@ from trainer.errors import ConfigError, TrainingError
 from trainer.optim_step import DynamicLossScaler, StepResult, make_loss_scaler, optimizer_step
 from trainer.precision import PrecisionConfig
 
-def _frozen(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm())
-
-
 
 # --- loss scaling and optimizer step ---------------------------------------------------------
 

@@ -5,17 +5,7 @@ from torch import nn
 
 from trainer.errors import ConfigError
 from trainer.precision import PrecisionConfig, autocast, check_device_support, compute_dtype, for_device
-
-
-def _frozen(module: nn.Module) -> nn.Module:
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm())
+from tests.toys import frozen
 
 
 # --- config ----------------------------------------------------------------------------------
@@ -58,7 +48,7 @@ def test_max_grad_norm_zero_is_allowed():
 
 def test_autocast_bf16_output_with_fp32_lora_grads():
     torch.manual_seed(0)
-    base = _frozen(nn.Linear(8, 8))
+    base = frozen(nn.Linear(8, 8))
     down, up = nn.Linear(8, 2, bias=False), nn.Linear(2, 8, bias=False)
     nn.init.normal_(up.weight)
     x = torch.randn(4, 8)
