@@ -12,7 +12,7 @@ import comfy.utils
 import folder_paths
 
 from ..trainer import comfy_adapter, recipe
-from ..trainer.errors import ConfigError
+from ..trainer.errors import ConfigError, LoRALabError
 from ..trainer.io import load_lora
 from ..trainer.monitor import History
 from ..trainer.paths import safe_child_path
@@ -186,8 +186,14 @@ class LoRALabTrain:
     @staticmethod
     def _new_entry(model, dataset, spec, clip, start_from_lora, resume_from_state, fingerprint) -> Entry:
         denoiser, targets = comfy_adapter.training_targets(model, spec.network, spec.guidance, clip)
-        start = load_lora(loras_file(start_from_lora, "start_from_lora"))[0] if _picked(start_from_lora) else None
-        session = recipe.start_session(denoiser, targets, recipe.model_examples(denoiser, dataset.examples), spec, start)
+        try:
+            start = load_lora(loras_file(start_from_lora, "start_from_lora"))[0] if _picked(start_from_lora) else None
+            session = recipe.start_session(denoiser, targets, recipe.model_examples(denoiser, dataset.examples), spec, start)
+        except LoRALabError as e:  # a saved LoRA that can't start this run: the file's name and the reason
+            field = getattr(e, "field", None)
+            if not _picked(start_from_lora) or field not in (None, "start_from_lora"):
+                raise
+            raise ConfigError("start_from_lora", f"{start_from_lora}: {e.message if field else e}") from None
         if not _picked(resume_from_state):
             return Entry(session, fingerprint, 0)
         try:
