@@ -222,7 +222,7 @@ FLUX_STEPS = 40
 @pytest.fixture(scope="module")
 def flux(server):
     before = image(server, "flux", "flux_before")
-    entry = server.run(train_prompt("flux", "flux_test", FLUX_STEPS, 1e-2, validation_split=0.125,
+    entry = server.run(train_prompt("flux", "flux_test", FLUX_STEPS, 3e-3, validation_split=0.125,
                                     timestep_sampling="flux_shift", guidance=1.0), timeout=900)
     return server, entry, before
 
