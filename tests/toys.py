@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
 from trainer.data import Example
+from trainer.monitor import History
 from trainer.network import LoRANetwork, NetworkConfig, find_targets
 
 
@@ -140,3 +142,25 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """|a - b| / |b| in fp32."""
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).norm() / b.norm())
+
+
+# --- synthetic loss histories (monitor and diagnosis tests) --------------------------------------
+
+STEPS = 400
+T = np.arange(1, STEPS + 1)  # the steps of a synthetic history
+
+
+def noisy(level, seed, rel=0.45):
+    """Per-step diffusion-like loss: the level times log-normal noise of `rel` relative spread."""
+    rng = np.random.default_rng(seed)
+    s = math.sqrt(math.log(1 + rel**2))
+    return np.asarray(level) * np.exp(s * rng.standard_normal(len(level)) - s * s / 2)
+
+
+def history_of(losses, lr=1e-4, val=()):
+    h = History()
+    for i, (step, loss) in enumerate(zip(T, losses)):
+        h.record(int(step), float(loss), lr, i // 40)
+    for step, loss in val:
+        h.record_validation(step, loss)
+    return h

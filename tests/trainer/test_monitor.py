@@ -1,30 +1,12 @@
 import json
-import math
 
 import numpy as np
 import pytest
 
 from trainer.errors import ConfigError
+from tests.toys import STEPS, history_of, noisy
 from trainer.monitor import History, fixed_validation_plan, split_validation
 
-STEPS = 400
-T = np.arange(1, STEPS + 1)
-
-
-def noisy(level, seed, rel=0.45):
-    """Per-step diffusion-like loss: the level times log-normal noise of `rel` relative spread."""
-    rng = np.random.default_rng(seed)
-    s = math.sqrt(math.log(1 + rel**2))
-    return np.asarray(level) * np.exp(s * rng.standard_normal(len(level)) - s * s / 2)
-
-
-def history_of(losses, lr=1e-4, val=()):
-    h = History()
-    for i, (step, loss) in enumerate(zip(T, losses)):
-        h.record(int(step), float(loss), lr, i // 40)
-    for step, loss in val:
-        h.record_validation(step, loss)
-    return h
 
 
 SEEDS = range(5)
