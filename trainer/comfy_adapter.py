@@ -36,33 +36,9 @@ import comfy.utils
 
 from .errors import ConfigError
 from .network import NetworkConfig, Target, find_targets, is_text_encoder
+from .profiles import Profile, describe, detect
 
 log = logging.getLogger("lora_lab")
-
-# Blocks whose Linear / 1x1 leaves are adapted, per family (sd-scripts parity), and the blocks
-# whose 3x3 convs are adapted when conv_rank > 0.
-UNET_CONTAINERS = ("SpatialTransformer", "SpatialVideoTransformer")
-UNET_CONV_CONTAINERS = ("ResBlock", "Downsample", "Upsample")
-FLUX_CONTAINERS = ("DoubleStreamBlock", "SingleStreamBlock")
-CHECKPOINT_BLOCKS = ("input_blocks", "middle_block", "output_blocks", "double_blocks", "single_blocks")
-
-
-def model_family(model) -> str:
-    """"sd15", "sdxl" or "flux" from a ComfyUI BaseModel; a clear error for anything else."""
-    import comfy.model_base as mb
-
-    if isinstance(model, mb.Flux):
-        return "flux"
-    if isinstance(model, mb.SDXL):
-        return "sdxl"
-    if type(model) is mb.BaseModel and model.model_config.unet_config.get("context_dim") == 768:
-        return "sd15"
-    raise ConfigError(
-        "model",
-        f"LoRA Lab trains SD1.5, SDXL and Flux models; this MODEL is {type(model).__name__} "
-        f"({type(model.model_config).__name__}). Load an SD1.5, SDXL or Flux checkpoint.",
-    )
-
 
 def prediction_type(model) -> str:
     ms = model.model_sampling
@@ -75,12 +51,12 @@ def prediction_type(model) -> str:
     raise ConfigError("model", f"unsupported prediction type {type(ms).__name__}: LoRA Lab trains eps, v and flow models.")
 
 
-def kohya_unet_names(model, family: str) -> dict[str, str]:
+def kohya_unet_names(model, profile: Profile) -> dict[str, str]:
     """Module path inside diffusion_model -> kohya name, taken from ComfyUI's own LoRA key map."""
     key_map = comfy.lora.model_lora_keys_unet(model, {})
     names: dict[str, str] = {}
-    if family == "sd15":
-        # sd-scripts writes SD1.5 UNet names on diffusers paths (read by ComfyUI, A1111 and diffusers).
+    if profile.diffusers_names:
+        # sd-scripts writes SD1.x / SD2.x UNet names on diffusers paths (read by ComfyUI, A1111 and diffusers).
         for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(model.model_config.unet_config).items():
             if diffusers_key.endswith(".weight"):
                 names[ldm_key[: -len(".weight")]] = "lora_unet_" + diffusers_key[: -len(".weight")].replace(".", "_")
@@ -91,40 +67,35 @@ def kohya_unet_names(model, family: str) -> dict[str, str]:
     return names
 
 
-def unet_targets(model, config: NetworkConfig) -> list[Target]:
-    family = model_family(model)
-    names = kohya_unet_names(model, family)
-    containers = FLUX_CONTAINERS if family == "flux" else UNET_CONTAINERS
-    conv_containers = () if family == "flux" else UNET_CONV_CONTAINERS
+def unet_targets(model, config: NetworkConfig, profile: Profile | None = None) -> list[Target]:
+    """The diffusion model's layers the family's reference trainer adapts, with its key names."""
+    profile = profile or detect(model)
+    names = kohya_unet_names(model, profile)
     prefix = "lora_unet_"
-    return find_targets(
-        model.diffusion_model,
-        prefix[:-1],
-        containers,
-        conv_containers,
-        config,
-        rename=lambda path: names[path][len(prefix) :] if path in names else None,
-    )
+
+    def rename(path: str) -> str | None:
+        return names[path][len(prefix) :] if path in names else None
+
+    return find_targets(model.diffusion_model, prefix[:-1], profile.containers, profile.conv_containers, config, rename=rename)
 
 
-# The text-encoder names sd-scripts writes, per family: SD1.5 has one CLIP-L ("lora_te_");
-# SDXL has CLIP-L and CLIP-G ("lora_te1_", "lora_te2_"); for Flux only CLIP-L is trained
-# ("lora_te1_"), never T5. ComfyUI's key map lists several aliases per module; these pick one.
-TE_PREFIXES = {"sd15": ("lora_te_",), "sdxl": ("lora_te1_", "lora_te2_"), "flux": ("lora_te1_",)}
 TE_ATTENTION = "_self_attn_"
 
 
-def text_encoder_targets(clip, family: str, config: NetworkConfig) -> list[Target]:
+def text_encoder_targets(clip, profile: Profile, config: NetworkConfig) -> list[Target]:
     """The CLIP layers sd-scripts adapts (attention q/k/v/out and MLP fc1/fc2 of every encoder
     layer), with their kohya names, taken from ComfyUI's own CLIP LoRA key map so that stock
-    LoraLoader applies every key. `attn_only` keeps the attention projections only."""
+    LoraLoader applies every key. `attn_only` keeps the attention projections only. The profile
+    names the CLIP parts that train (SD1.5 one CLIP-L "lora_te_"; SDXL "lora_te1_"/"lora_te2_";
+    Flux CLIP-L only, never T5); ComfyUI's key map lists several aliases per module, these pick one."""
+    if not profile.text_encoders:
+        raise ConfigError("train_text_encoder", f"training the text encoder is not available for {profile.label} models; turn train_text_encoder off in the Network node.")
     root = getattr(clip, "cond_stage_model", None)
     if not isinstance(root, torch.nn.Module):
         raise ConfigError("clip", "this CLIP is not a ComfyUI text encoder LoRA Lab can train; connect the CLIP from your checkpoint loader.")
-    prefixes = TE_PREFIXES[family]
     targets = []
     for name, key in sorted(comfy.lora.model_lora_keys_clip(root, {}).items()):
-        if not name.startswith(prefixes) or "_encoder_layers_" not in name or not key.endswith(".weight"):
+        if not name.startswith(profile.text_encoders) or "_encoder_layers_" not in name or not key.endswith(".weight"):
             continue
         if config.targets == "attn_only" and TE_ATTENTION not in name:
             continue
@@ -134,7 +105,7 @@ def text_encoder_targets(clip, family: str, config: NetworkConfig) -> list[Targe
     if not targets:
         raise ConfigError(
             "clip",
-            f"no text-encoder layers to train were found in this CLIP for a {family} model; connect the CLIP of the "
+            f"no text-encoder layers to train were found in this CLIP for a {profile.label} model; connect the CLIP of the "
             "checkpoint you train on, or turn train_text_encoder off in the Network node.",
         )
     return targets
@@ -164,14 +135,16 @@ class ComfyTextEncoder:
         return out["cond"][0], pooled[0] if pooled is not None else None
 
 
-def checkpoint_blocks(diffusion_model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The blocks gradient checkpointing recomputes, in forward order: Flux's double/single blocks;
-    for UNets the layers of each input/middle/output block (ResBlock, SpatialTransformer, ...),
-    because ComfyUI's UNet runs those layers one by one and never calls the containing block."""
+def checkpoint_blocks(diffusion_model: torch.nn.Module, profile: Profile) -> list[torch.nn.Module]:
+    """The blocks gradient checkpointing recomputes, in forward order (the profile's block lists:
+    Flux's double/single blocks, a DiT's transformer blocks); for UNets the layers of each
+    input/middle/output block (ResBlock, SpatialTransformer, ...), because ComfyUI's UNet runs
+    those layers one by one and never calls the containing block."""
     out = []
-    for attr in CHECKPOINT_BLOCKS:
-        blocks = getattr(diffusion_model, attr, None)
-        if blocks is None:
+    for attr in profile.checkpoint_blocks:
+        try:
+            blocks = diffusion_model.get_submodule(attr)
+        except AttributeError:
             continue
         for block in blocks if isinstance(blocks, torch.nn.ModuleList) else [blocks]:
             if type(block).__name__ == "TimestepEmbedSequential":
@@ -212,22 +185,23 @@ CLIP_CONTAINERS = ("CLIPLayer",)
 
 
 @contextmanager
-def autograd_safe(diffusion_model: torch.nn.Module, containers: tuple[str, ...] = FLUX_CONTAINERS) -> Iterator[None]:
+def autograd_safe(diffusion_model: torch.nn.Module, containers: tuple[str, ...]) -> Iterator[None]:
     """Makes blocks that update activations in place trainable, for the duration of the block.
 
     ComfyUI's Flux blocks write `x += ...` / `txt += ...` into tensors their LayerNorms have
     saved for backward; with a LoRA upstream those tensors require grad and backward fails with
     "modified by an inplace operation". A pre-hook hands each such LayerNorm a copy of its input
     (the copy is what gets saved), so the in-place update no longer touches a saved tensor. The
-    values computed are unchanged. UNet models need nothing and get no hooks. ComfyUI's CLIP
-    layers do the same (`containers=CLIP_CONTAINERS`) when the text-encoder LoRA trains.
+    values computed are unchanged. The profile names such blocks (`inplace_blocks`; the generic
+    path assumes every repeated block might); UNet models need nothing and get no hooks. ComfyUI's
+    CLIP layers do the same (`containers=CLIP_CONTAINERS`) when the text-encoder LoRA trains.
     """
     handles = []
     for block in diffusion_model.modules():
         if type(block).__name__ not in containers:
             continue
         for sub in block.modules():
-            if isinstance(sub, torch.nn.LayerNorm):
+            if isinstance(sub, torch.nn.LayerNorm) or type(sub).__name__.endswith("Norm"):
                 handles.append(sub.register_forward_pre_hook(lambda m, args: _clone_tensors(args)))
     try:
         yield
@@ -267,7 +241,7 @@ def _hooks_restored(snapshot: list) -> Iterator[None]:
 
 
 @contextmanager
-def gradient_checkpointing(diffusion_model: torch.nn.Module) -> Iterator[None]:
+def gradient_checkpointing(diffusion_model: torch.nn.Module, profile: Profile) -> Iterator[None]:
     """Recompute each top-level block in backward instead of keeping its activations.
 
     Installed on the instances for the duration of training only, then removed.
@@ -275,16 +249,16 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module) -> Iterator[None]:
     The LoRA is applied by forward hooks that exist only during the engine's forward call, but
     the recomputation runs later, inside backward: each block therefore recomputes with the hooks
     it had during its forward (otherwise it would compute without the LoRA, and torch stops with
-    "a different number of tensors was saved"). A Flux block updates its input tensor in place,
+    "a different number of tensors was saved"). A Flux block (the profile's `inplace_blocks`) updates its input tensor in place,
     which would hand the recomputation the block's *output* instead of its input (silently wrong
     gradients): inside the checkpoint, such blocks work on a copy of their inputs.
     """
     from torch.utils.checkpoint import checkpoint
 
     patched = []
-    for block in checkpoint_blocks(diffusion_model):
+    for block in checkpoint_blocks(diffusion_model, profile):
         original = block.forward
-        if type(block).__name__ in FLUX_CONTAINERS:
+        if type(block).__name__ in profile.inplace_blocks:
 
             def run(*args, _f=original, **kwargs):
                 return _f(*_clone_tensors(args), **_clone_tensor_kwargs(kwargs))
@@ -322,11 +296,13 @@ class ComfyDenoiser:
         self.patcher = patcher
         self.text_encoder = text_encoder  # set when the text-encoder LoRA trains: captions are encoded each step
         self.model = patcher.model
-        self.family = model_family(self.model)
+        self.profile = detect(self.model)
+        self.family = self.profile.key
         self.prediction = prediction_type(self.model)
         self.model_sampling = self.model.model_sampling
         self.device = comfy.model_management.get_torch_device()
         self.guidance = guidance
+        self.note = ""  # what the user should know about the family (set by training_targets)
 
     def load(self) -> None:
         """Puts the model on the training device and makes its weights usable by autograd."""
@@ -362,8 +338,9 @@ class ComfyDenoiser:
                 cross_attn=cross_attn[None].to(x.device),
                 device=x.device,
                 noise=x[i : i + 1],
-                guidance=self.guidance,
             )
+            if self.profile.guidance:  # others use their own default (Chroma: 0), as when sampling
+                kw["guidance"] = self.guidance
             if pooled is not None:
                 kw["pooled_output"] = pooled[None].to(x.device)
             kw.setdefault("width", x.shape[-1] * 8)
@@ -382,7 +359,7 @@ class ComfyDenoiser:
         kwargs = self.model_conds(conds, x)
         if not torch.is_grad_enabled():
             return self.model.apply_model(x, sigma, **kwargs)
-        with autograd_safe(self.model.diffusion_model):
+        with autograd_safe(self.model.diffusion_model, self.profile.inplace_blocks):
             return self.model.apply_model(x, sigma, **kwargs)
 
     def training_context(self, precision):
@@ -391,7 +368,7 @@ class ComfyDenoiser:
 
     def recompute_context(self, precision):
         """Gradient checkpointing while the steps run (entered after the memory estimate's probe)."""
-        return gradient_checkpointing(self.model.diffusion_model) if precision.gradient_checkpointing else nullcontext()
+        return gradient_checkpointing(self.model.diffusion_model, self.profile) if precision.gradient_checkpointing else nullcontext()
 
     def check_memory(self, session) -> str:
         """Estimates the run's peak memory (once per session), logs it, and stops with the ways to
@@ -419,9 +396,12 @@ def training_targets(model, network: NetworkConfig, guidance: float = 1.0, clip=
         raise ConfigError("clip", "the Network trains the text encoder (train_text_encoder is on): connect the CLIP from your checkpoint loader to the Train node's clip input, or turn train_text_encoder off.")
     text_encoder = ComfyTextEncoder(clip) if network.train_text_encoder else None
     denoiser = ComfyDenoiser(model.clone(), guidance=guidance, text_encoder=text_encoder)
-    targets = unet_targets(denoiser.model, network)
+    targets = unet_targets(denoiser.model, network, denoiser.profile)
+    denoiser.note = describe(denoiser.profile, len(targets))
     if text_encoder is not None:
-        targets += text_encoder_targets(clip, denoiser.family, network)
+        targets += text_encoder_targets(clip, denoiser.profile, network)
+    if denoiser.profile.generic:
+        log.warning("LoRA Lab: %s", denoiser.note)
     return denoiser, targets
 
 
@@ -468,7 +448,7 @@ def estimate_memory(denoiser: "ComfyDenoiser", network, examples, optimizer: str
         with autocast(precision, device), network.applied():
             denoiser.denoise(x, sigma, [ex.conds[0]] * batch_size)
 
-    profile = probe_activations(forward, checkpoint_blocks(dm), exclude=list(dm.parameters()) + list(dm.buffers()), batch=batch_size)
+    profile = probe_activations(forward, checkpoint_blocks(dm, denoiser.profile), exclude=list(dm.parameters()) + list(dm.buffers()), batch=batch_size)
     return estimate_peak_bytes(
         resident_bytes(dm),
         [p.numel() for p in network.parameters() if p.requires_grad],
@@ -520,13 +500,10 @@ def _applicable(weights: dict[str, torch.Tensor], clip) -> dict[str, torch.Tenso
     return weights if clip is not None else {k: v for k, v in weights.items() if not is_text_encoder(k)}
 
 
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux"}
-
-
 def family_name(model) -> str:
     """The model family in the user's words ("SD1.5", "SDXL", "Flux"), or ComfyUI's config name for others."""
     try:
-        return FAMILY_NAMES[model_family(model)]
+        return detect(model).label
     except ConfigError:
         return type(model.model_config).__name__
 

@@ -24,7 +24,7 @@ Public API:
         Deterministic sha256 of the tensors (names, dtypes, shapes, bytes).
     lora_modules(weights) -> dict[str, tuple[int, float]]
         Module name -> (rank, alpha).
-    check_compatible(weights, expected_names, family) -> None
+    check_compatible(weights, expected_names, label) -> None
         Refuse a LoRA whose modules do not belong to the model being trained.
 
 Errors meant for the user are `LoRALabError` (or `ConfigError` for a bad argument value).
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 from .errors import ConfigError, LoRALabError
 from .paths import temp_name
+from .profiles import Profile, profile_for
 
 DOWN = ".lora_down.weight"
 UP = ".lora_up.weight"
@@ -60,16 +61,6 @@ _PARTS = ((DOWN, "down"), (UP, "up"), (ALPHA, "alpha"), (".dora_scale", "dora_sc
 _SUFFIX = {part: suffix for suffix, part in _PARTS}
 
 SAVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# base_model -> (ss_base_model_version, modelspec architecture, modelspec implementation), the
-# values sd-scripts writes. A1111 tells SDXL LoRAs apart by the "sdxl_" prefix of the version.
-_BASE_MODELS = {
-    "sd15": ("sd_v1", "stable-diffusion-v1", "diffusers"),
-    "sdxl": ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base",
-             "https://github.com/Stability-AI/generative-models"),
-    "flux": ("flux1", "flux-1-dev", "https://github.com/black-forest-labs/flux"),
-}
-_FAMILY_LABELS = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux"}
 
 _WRITE_CHUNK = 16 * 1024 * 1024
 
@@ -409,22 +400,29 @@ def lora_modules(weights: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, fl
     return result
 
 
+# Name beginnings that give a LoRA's family away (for messages only), in the user's words.
+_FAMILY_HINTS = (
+    (("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te3_"), "Flux or Chroma"),
+    (("lora_unet_joint_blocks_",), "SD3.5"),
+    (("lora_unet_transformer_blocks_",), "Qwen-Image"),
+    (("lora_te2_",), "SDXL"),
+    (("lora_te_", "lora_unet_down_blocks_", "lora_unet_up_blocks_"), "SD1.5 or SD2.x"),
+)
+
+
 def _guess_family(names: set[str]) -> str | None:
-    """Best guess of the model a set of kohya module names was trained on (for messages only)."""
-    if any(n.startswith(("lora_unet_double_blocks_", "lora_unet_single_blocks_", "lora_te3_")) for n in names):
-        return "flux"
-    if any(n.startswith("lora_te2_") for n in names):
-        return "sdxl"
-    if any(n.startswith(("lora_te_", "lora_unet_down_blocks_", "lora_unet_up_blocks_")) for n in names):
-        return "sd15"
+    """Best guess of the family a set of kohya module names was trained on (for messages only)."""
+    for starts, label in _FAMILY_HINTS:
+        if any(n.startswith(starts) for n in names):
+            return label
     return None
 
 
-def check_compatible(weights: Mapping[str, torch.Tensor], expected_names: set[str], family: str) -> None:
+def check_compatible(weights: Mapping[str, torch.Tensor], expected_names: set[str], label: str) -> None:
     """Raise a `LoRALabError` unless every module in `weights` is one of `expected_names`.
 
-    `expected_names` are the kohya module names the current model and targets produce; `family`
-    is "sd15", "sdxl" or "flux" (any other text is shown as is). A file covering only part of the
+    `expected_names` are the kohya module names the current model and targets produce; `label`
+    is the model's family in the user's words ("SD1.5", "Qwen-Image"). A file covering only part of the
     expected modules is fine (e.g. trained without the text encoder); a module the model lacks
     would be silently dropped, so it is refused. The message says how many modules matched and
     shows a few names from each side.
@@ -433,7 +431,6 @@ def check_compatible(weights: Mapping[str, torch.Tensor], expected_names: set[st
     unknown = sorted(names - set(expected_names))
     if not unknown:
         return
-    label = _FAMILY_LABELS.get(family, family)
     matched = len(names) - len(unknown)
     file_examples = ", ".join(unknown[:3])
     model_examples = ", ".join(sorted(set(expected_names) - names)[:3] or sorted(expected_names)[:3])
@@ -443,7 +440,7 @@ def check_compatible(weights: Mapping[str, torch.Tensor], expected_names: set[st
     )
     if matched == 0:
         guess = _guess_family(names)
-        hint = f" It looks like a {_FAMILY_LABELS[guess]} LoRA." if guess and guess != family else ""
+        hint = f" It looks like a {guess} LoRA." if guess and label not in guess.split(" or ") else ""
         raise LoRALabError(f"{head}{hint} Pick a LoRA trained for {label}, or start a new one.")
     raise LoRALabError(
         f"{head} Pick a LoRA trained for {label}; if it is one, it adapts layers this training does "
@@ -482,7 +479,7 @@ def _metadata_str(value) -> str:
 
 def build_metadata(
     *,
-    base_model: str,
+    base_model: "str | Profile",
     output_name: str,
     network: "NetworkConfig",
     learning_rate: float,
@@ -497,7 +494,10 @@ def build_metadata(
 ) -> dict[str, str]:
     """Header metadata as sd-scripts writes it, all values strings.
 
-    Written: ss_base_model_version ("sd_v1", "sdxl_base_v1-0", "flux1"), ss_output_name,
+    `base_model` is a family's profile (`trainer.profiles`) or its key ("sd15", "sdxl", "flux", ...);
+    its metadata is what that family's reference trainer writes.
+
+    Written: ss_base_model_version ("sd_v1", "sdxl_base_v1-0", "flux1", ...), ss_output_name,
     ss_network_module ("networks.lora"), ss_network_dim, ss_network_alpha, ss_network_args (JSON;
     conv_dim/conv_alpha when conv_rank > 0, else "{}"), ss_learning_rate, ss_unet_lr,
     ss_text_encoder_lr ("None" when the text encoder is not trained, as sd-scripts writes it),
@@ -515,12 +515,14 @@ def build_metadata(
     With `weights`, sshs_model_hash = weights_hash(weights); `save_lora` recomputes it from the
     tensors as saved anyway.
     """
-    if base_model not in _BASE_MODELS:
-        raise ConfigError("base_model", f"expected one of {', '.join(_BASE_MODELS)}, got {base_model!r}.")
+    try:
+        profile = profile_for(base_model) if isinstance(base_model, str) else base_model
+    except ConfigError as e:
+        raise ConfigError("base_model", e.message) from None
     if not isinstance(output_name, str) or not output_name.strip():
         raise ConfigError("output_name", "must not be empty; give the LoRA a file name.")
 
-    version, architecture, implementation = _BASE_MODELS[base_model]
+    version, architecture, implementation = profile.metadata
     args = network.network_args()
     if network.conv_rank > 0:
         # sd-scripts records network args as the strings given on its command line.
@@ -549,6 +551,7 @@ def build_metadata(
         "modelspec.date": datetime.datetime.fromtimestamp(
             float(started_at), tz=datetime.timezone.utc
         ).isoformat(timespec="seconds"),
+        **profile.metadata_extra,
     }
     for key, value in (extra or {}).items():
         key = str(key)

@@ -14,7 +14,8 @@ offer, and ComfyUI's adapter does:
     check_memory(session) -> str            estimate the run's peak memory, refuse a run that can't fit
     recompute_context(precision)            gradient checkpointing while the steps run
     latent_in(raw_latent)                   a VAE latent -> the model's latent space
-    family                                  the model family, for the file's metadata
+    profile                                 the model family (trainer.profiles), for the file's metadata
+    note                                    a line about the family for the user's notes
 
 Public API:
     TrainingSpec                                   (trainer.spec)
@@ -39,6 +40,7 @@ from .loop import Session, StepInfo
 from .network import LoRANetwork, Target
 from .objective import ObjectiveConfig, flux_resolution_shift, validate_for_prediction
 from .precision import check_device_support
+from .profiles import Profile, profile_for
 from .spec import TrainingSpec
 
 # "flux_shift" is "shift" with Flux's resolution-dependent value, computed from the dataset.
@@ -85,6 +87,11 @@ def model_examples(denoiser, examples: list[Example]) -> list[Example]:
     return out
 
 
+def _profile(denoiser) -> Profile:
+    """The denoiser's family profile; a plain-PyTorch denoiser counts as SD1.5 (eps, UNet names)."""
+    return getattr(denoiser, "profile", None) or profile_for("sd15")
+
+
 def start_session(denoiser, targets: list[Target], examples: list[Example], spec: TrainingSpec, start_weights: Mapping[str, torch.Tensor] | None = None, start_field: str = "start_from_lora") -> Session:
     """A new session. The LoRA's initial weights follow the seed; `start_weights` (a saved LoRA of
     the same family, rank and targets) replaces them, refused naming `start_field` otherwise."""
@@ -93,7 +100,7 @@ def start_session(denoiser, targets: list[Target], examples: list[Example], spec
         network = LoRANetwork(targets, spec.network)
     if start_weights is not None:
         try:
-            check_compatible(start_weights, set(network.loras), getattr(denoiser, "family", None))
+            check_compatible(start_weights, set(network.loras), _profile(denoiser).label)
             network.load_kohya(dict(start_weights))
         except LoRALabError as e:
             raise ConfigError(start_field, str(e)) from None
@@ -110,7 +117,7 @@ def train(session: Session, until: int, on_step: Callable[[StepInfo], None] | No
         denoiser.load()
     storage = denoiser.training_context(session.precision) if hasattr(denoiser, "training_context") else nullcontext()
     warning = check_device_support(session.precision, denoiser.device)
-    notes = [warning] if warning else []
+    notes = [n for n in (getattr(denoiser, "note", ""), warning) if n]
     with storage:
         if hasattr(denoiser, "check_memory"):
             notes.append(denoiser.check_memory(session))
@@ -125,7 +132,7 @@ def lora_file(session: Session, output_name: str) -> tuple[dict[str, torch.Tenso
     spec, net = session.spec, session.spec.network
     weights = session.network.to_kohya(torch.float32)
     metadata = build_metadata(
-        base_model=getattr(session.denoiser, "family", "sd15"),
+        base_model=_profile(session.denoiser),
         output_name=output_name,
         network=net,
         learning_rate=spec.optimizer.unet_lr,

@@ -248,8 +248,12 @@ def test_metadata_per_family():
     assert flux["ss_base_model_version"] == "flux1"
     assert flux["modelspec.architecture"] == "flux-1-dev/lora"
     assert flux["ss_text_encoder_lr"] == "None"
+    sd3 = meta(base_model="sd3")
+    assert sd3["ss_base_model_version"] == "sd3" and sd3["ss_v2"] == "False"
+    sd2 = meta(base_model="sd2")
+    assert sd2["ss_base_model_version"] == "sd_v2" and sd2["ss_v2"] == "True"
     with pytest.raises(ConfigError, match="base_model"):
-        meta(base_model="sd3")
+        meta(base_model="sd4")
 
 
 def test_metadata_extras_and_hash():
@@ -281,7 +285,7 @@ def test_save_refuses_non_string_metadata(tmp_path):
 def test_check_compatible():
     weights = make_weights()
     sd15_names = {ATTN, CONV, TE, "lora_unet_mid_block_attentions_0_proj_in"}
-    check_compatible(weights, sd15_names, "sd15")  # file covers a subset: fine
+    check_compatible(weights, sd15_names, "SD1.5")  # file covers a subset: fine
 
     sdxl_names = {
         "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
@@ -289,7 +293,7 @@ def test_check_compatible():
         "lora_te2_text_model_encoder_layers_0_self_attn_q_proj",
     }
     with pytest.raises(LoRALabError) as info:
-        check_compatible(weights, sdxl_names, "sdxl")
+        check_compatible(weights, sdxl_names, "SDXL")
     message = str(info.value)
     assert "0 of its 3 modules match" in message
     assert ATTN in message or CONV in message or TE in message
@@ -298,7 +302,7 @@ def test_check_compatible():
 
     # partly matching: the file adapts layers the current targets do not include
     with pytest.raises(LoRALabError, match="2 of its 3 modules match") as info:
-        check_compatible(weights, {ATTN, CONV}, "sd15")
+        check_compatible(weights, {ATTN, CONV}, "SD1.5")
     assert TE in str(info.value)
 
 

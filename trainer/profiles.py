@@ -1,0 +1,220 @@
+"""Model families as data: one profile per family, and a generic path for models without one.
+
+A profile says, for one family of ComfyUI models:
+    how it is recognised       the `comfy.model_base` class (walked most specific first, so Chroma,
+                               a Flux subclass in ComfyUI, is Chroma) and, where classes are shared,
+                               a check on the UNet config (SD1.5 and SD2 are both `BaseModel`)
+    what is adapted            the block classes whose Linear / 1x1 layers get a LoRA, the blocks whose
+                               3x3 convs do when conv_rank > 0
+    how keys are named         "lora_unet_" + the module path with "_" (what ComfyUI reads for every
+                               model), or the diffusers paths sd-scripts writes for SD1.x / SD2.x
+    which text encoders train  the kohya prefixes of the CLIP parts that can take a LoRA
+    how it is trained          the blocks gradient checkpointing recomputes, the blocks that update
+                               activations in place, and its defaults (resolution, timesteps,
+                               precision, save dtype)
+    what the file says         ss_base_model_version and modelspec, as the reference trainer writes
+
+The generic profile (`generic_profile`) serves any other image model whose model_sampling is eps, v
+or flow: it adapts the Linear layers of the model's repeated blocks — every ModuleList of two or more
+blocks of one class that holds Linear layers (not nested in another such list): the transformer
+blocks of a DiT, double and single stream blocks alike.
+
+No ComfyUI import: detection reads class names and the config dict, so this module is tested
+without ComfyUI. Public API:
+    PROFILES, Profile, FamilyDefaults
+    detect(model) -> Profile            a ComfyUI BaseModel; ConfigError for audio / 3D / video
+    profile_for(key) -> Profile         by key ("sd15", "qwen_image", ...)
+    generic_profile(model) -> Profile
+    repeated_blocks(root) -> [(path, ModuleList)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What a family trains and samples at unless the user says otherwise (the headless command's
+    and the README's defaults). timestep_sampling "flux_shift" is Flux's resolution-dependent shift;
+    "shift" uses the Train node's flow_shift."""
+
+    resolution: int = 1024
+    timestep_sampling: str = "uniform"
+    mixed_precision: str = "auto"
+    save_dtype: str = "fp16"
+    fp8_base: bool = False
+
+
+@dataclass(frozen=True)
+class Profile:
+    key: str  # stored in the file as lora_lab_family
+    label: str  # the user's name of the family
+    classes: tuple[str, ...]  # comfy.model_base class names this profile claims
+    containers: tuple[str, ...]  # blocks whose Linear / 1x1-conv layers are adapted
+    checkpoint_blocks: tuple[str, ...]  # attributes of diffusion_model holding the blocks checkpointing recomputes
+    metadata: tuple[str, str, str]  # ss_base_model_version, modelspec.architecture, modelspec.implementation
+    reference: str  # the trainer whose layer choice and key names this profile follows
+    readers: str  # tools known to read the file
+    defaults: FamilyDefaults = FamilyDefaults()
+    match: Callable[[dict], bool] | None = None  # a check on the UNet config, for shared classes
+    subclasses: bool = True  # also claims subclasses of `classes`
+    conv_containers: tuple[str, ...] = ()
+    diffusers_names: bool = False  # SD1.x / SD2.x: kohya names on diffusers paths
+    text_encoders: tuple[str, ...] = ()  # kohya prefixes of the CLIP parts that can train
+    inplace_blocks: tuple[str, ...] = ()  # blocks that update their inputs in place (`x += ...`)
+    metadata_extra: dict = field(default_factory=dict)
+    guidance: bool = False  # conditioned on a guidance value (Flux-dev): the Train node's guidance input
+    variant: Callable[[object, dict], dict] | None = None  # (model, UNet config) -> fields that differ per model
+    generic: bool = False
+
+
+def _sd2_variant(model, config: dict) -> dict:
+    """768-v (v-prediction) or 512 base, as sd-scripts records them."""
+    v = any(c.__name__ == "V_PREDICTION" for c in type(getattr(model, "model_sampling", None)).__mro__)
+    if not v:
+        return {}
+    return {"metadata": ("sd_v2_v", "stable-diffusion-v2-768-v", "diffusers"),
+            "metadata_extra": {"ss_v2": "True", "modelspec.prediction_type": "v"}}
+
+
+def _sd3_variant(model, config: dict) -> dict:
+    """SD3.5 large (38 blocks), SD3.5 medium (MMDiT-X: self-attention in x blocks) or SD3 medium."""
+    if config.get("depth") == 38:
+        return {}
+    kind = "5-medium" if config.get("x_block_self_attn_layers") else "medium"
+    arch = "stable-diffusion-3-5-medium" if kind == "5-medium" else "stable-diffusion-3-medium"
+    return {"metadata": (kind, arch, "diffusers"), "label": "SD3.5" if kind == "5-medium" else "SD3"}
+
+
+UNET = ("SpatialTransformer", "SpatialVideoTransformer")
+UNET_CONV = ("ResBlock", "Downsample", "Upsample")
+UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
+FLUX_BLOCKS = ("DoubleStreamBlock", "SingleStreamBlock")
+
+PROFILES: tuple[Profile, ...] = (
+    Profile(
+        "sd15", "SD1.5", ("BaseModel",), UNET, UNET_BLOCKS, ("sd_v1", "stable-diffusion-v1", "diffusers"),
+        reference="kohya sd-scripts", readers="ComfyUI, A1111/Forge, diffusers, kohya",
+        defaults=FamilyDefaults(resolution=512), match=lambda c: c.get("context_dim") == 768, subclasses=False,
+        conv_containers=UNET_CONV, diffusers_names=True, text_encoders=("lora_te_",)),
+    Profile(
+        "sd2", "SD2.x", ("BaseModel",), UNET, UNET_BLOCKS, ("sd_v2", "stable-diffusion-v2-512", "diffusers"),
+        reference="kohya sd-scripts", readers="ComfyUI, A1111/Forge, kohya",
+        defaults=FamilyDefaults(resolution=768), match=lambda c: c.get("context_dim") == 1024, subclasses=False,
+        conv_containers=UNET_CONV, diffusers_names=True, metadata_extra={"ss_v2": "True"}, variant=_sd2_variant),
+    Profile(
+        "sdxl", "SDXL", ("SDXL",), UNET, UNET_BLOCKS,
+        ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"),
+        reference="kohya sd-scripts", readers="ComfyUI, A1111/Forge, diffusers, kohya",
+        conv_containers=UNET_CONV, text_encoders=("lora_te1_", "lora_te2_")),
+    Profile(
+        "sd3", "SD3.5", ("SD3",), ("JointBlock",), ("joint_blocks",),
+        ("5-large", "stable-diffusion-3-5-large", "diffusers"),
+        reference="kohya sd-scripts", readers="ComfyUI, kohya (diffusers does not read kohya SD3 names)",
+        defaults=FamilyDefaults(timestep_sampling="shift", mixed_precision="bf16", save_dtype="bf16"), variant=_sd3_variant),
+    Profile(
+        # Chroma before Flux: it subclasses Flux in ComfyUI but has no guidance input and no
+        # per-block modulation layers (one shared approximator, which is not trained).
+        "chroma", "Chroma", ("Chroma",), FLUX_BLOCKS, ("double_blocks", "single_blocks"),
+        ("chroma", "chroma", "https://huggingface.co/lodestones/Chroma"),
+        reference="kohya sd-scripts (lora_flux, model type chroma)", readers="ComfyUI, kohya, diffusers (Flux loader)",
+        metadata_extra={"ss_model_type": "chroma"},
+        defaults=FamilyDefaults(timestep_sampling="flux_shift", mixed_precision="bf16", save_dtype="bf16", fp8_base=True),
+        inplace_blocks=FLUX_BLOCKS),
+    Profile(
+        "flux", "Flux", ("Flux",), FLUX_BLOCKS, ("double_blocks", "single_blocks"),
+        ("flux1", "flux-1-dev", "https://github.com/black-forest-labs/flux"),
+        reference="kohya sd-scripts", readers="ComfyUI, Forge, diffusers, kohya",
+        defaults=FamilyDefaults(timestep_sampling="flux_shift", mixed_precision="bf16", save_dtype="bf16", fp8_base=True),
+        text_encoders=("lora_te1_",), inplace_blocks=FLUX_BLOCKS, guidance=True),
+    Profile(
+        # musubi-tuner adapts every Linear of the blocks, the modulation layers (img_mod / txt_mod)
+        # included: its exclusion pattern "_mod_" is matched against dotted paths, so it never applies.
+        "qwen_image", "Qwen-Image", ("QwenImage",), ("QwenImageTransformerBlock",), ("transformer_blocks",),
+        ("qwen_image", "Qwen-Image", "https://github.com/QwenLM/Qwen-Image"),
+        reference="musubi-tuner", readers="ComfyUI, musubi-tuner, diffusers",
+        defaults=FamilyDefaults(timestep_sampling="shift", mixed_precision="bf16", save_dtype="bf16", fp8_base=True)),
+)
+
+# Families that are not image / video diffusion: refused by name, whatever their sampling says.
+NOT_IMAGE = {
+    "StableAudio1": "audio", "ACEStep": "audio", "Hunyuan3Dv2": "3D", "Hunyuan3Dv2_1": "3D",
+    "SV3D_u": "3D", "SV3D_p": "3D", "Stable_Zero123": "3D",
+}
+# Video models need clips, not images: refused until video training lands.
+VIDEO = ("WAN21", "HunyuanVideo", "LTXV", "GenmoMochi", "CosmosVideo", "SVD_img2vid")
+
+GENERIC_KEY = "generic"
+
+
+def profile_for(key: str) -> Profile:
+    for p in PROFILES:
+        if p.key == key:
+            return p
+    raise ConfigError("family", f"unknown family {key!r}; known: {', '.join(p.key for p in PROFILES)}.")
+
+
+def _config(model) -> dict:
+    config = getattr(getattr(model, "model_config", None), "unet_config", None)
+    return config if isinstance(config, dict) else {}
+
+
+def detect(model) -> Profile:
+    """The profile of a ComfyUI BaseModel: its class and bases, most specific first; the generic
+    profile for any other image model. Audio, 3D and video models are refused, naming the model."""
+    mro = [c.__name__ for c in type(model).__mro__]
+    name = mro[0]
+    for cls in mro:
+        if cls in NOT_IMAGE:
+            raise ConfigError("model", f"this MODEL is {name}, a {NOT_IMAGE[cls]} model; LoRA Lab trains image models. Load an image model (SD1.5, SDXL, Flux, Qwen-Image, ...).")
+        if cls in VIDEO:
+            raise ConfigError("model", f"this MODEL is {name}, a video model; LoRA Lab trains image models for now. Load an image model (SD1.5, SDXL, Flux, Qwen-Image, ...).")
+    config = _config(model)
+    for depth, cls in enumerate(mro):
+        for p in PROFILES:
+            if cls in p.classes and (p.subclasses or depth == 0) and (p.match is None or p.match(config)):
+                return replace(p, **p.variant(model, config)) if p.variant else p
+    return generic_profile(model)
+
+
+def repeated_blocks(root: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:
+    """The ModuleLists of two or more blocks of one class holding Linear layers, outermost only."""
+    found: list[tuple[str, torch.nn.ModuleList]] = []
+    for path, module in root.named_modules():
+        if not isinstance(module, torch.nn.ModuleList) or len(module) < 2:
+            continue
+        if any(path.startswith(p + ".") for p, _ in found):
+            continue
+        classes = {type(m) for m in module}
+        if len(classes) == 1 and any(isinstance(s, torch.nn.Linear) for s in module[0].modules()):
+            found.append((path, module))
+    return found
+
+
+def generic_profile(model) -> Profile:
+    """The profile of a model no profile knows: its repeated blocks, named as ComfyUI reads every model."""
+    dm = getattr(model, "diffusion_model", model)
+    blocks = repeated_blocks(dm)
+    if not blocks:
+        raise ConfigError("model", f"this MODEL ({type(model).__name__}) has no repeated transformer blocks LoRA Lab could adapt, and no profile; it can't be trained here.")
+    classes = tuple(sorted({type(b[0]).__name__ for _, b in blocks}))
+    return Profile(
+        GENERIC_KEY, type(model).__name__, (type(model).__name__,), classes, tuple(p for p, _ in blocks),
+        ("lora_lab_generic", type(model).__name__.lower(), "https://github.com/comfyanonymous/ComfyUI"),
+        reference="none (generic path: ComfyUI's own key names)", readers="ComfyUI",
+        inplace_blocks=classes, generic=True)
+
+
+def describe(profile: Profile, n_targets: int) -> str:
+    """The line the Train node shows about the family."""
+    if profile.generic:
+        return (f"{profile.label} has no LoRA Lab profile: trained by the generic path ({n_targets} Linear layers in "
+                f"{', '.join(profile.containers)} blocks, keys named lora_unet_<module path>). ComfyUI's LoRA loaders read "
+                "this file; other tools may not.")
+    return f"{profile.label}: {n_targets} layers adapted as {profile.reference} does; read by {profile.readers}."
