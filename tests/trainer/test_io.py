@@ -249,7 +249,7 @@ def test_metadata_per_family():
     assert flux["modelspec.architecture"] == "flux-1-dev/lora"
     assert flux["ss_text_encoder_lr"] == "None"
     sd3 = meta(base_model="sd3")
-    assert sd3["ss_base_model_version"] == "sd3" and sd3["ss_v2"] == "False"
+    assert sd3["ss_base_model_version"] == "5-large" and sd3["modelspec.architecture"] == "stable-diffusion-3-5-large/lora"
     sd2 = meta(base_model="sd2")
     assert sd2["ss_base_model_version"] == "sd_v2" and sd2["ss_v2"] == "True"
     with pytest.raises(ConfigError, match="base_model"):
