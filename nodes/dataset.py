@@ -11,7 +11,7 @@ import torch
 import comfy.utils
 import folder_paths
 
-from ..trainer.cache import cache_key, load_entry, save_entry
+from ..trainer.cache import cache_key, load_entry, pack_conditioning, save_entry, unpack_conditioning
 from ..trainer.data import EncodedDataset, Example
 from ..trainer.dataset import DatasetConfig, build_items, scan_folder
 from ..trainer.images import skipped_summary
@@ -193,12 +193,8 @@ class LoRALabDataset:
         for v, (image, caption) in enumerate(zip(item.images, item.captions)):
             tensors[f"latent.{v}"] = vae.encode(image[None])[0].float().cpu()
             if caption not in text_cache:
-                cond = clip.encode_from_tokens_scheduled(clip.tokenize(caption))[0]
-                text_cache[caption] = (cond[0][0].cpu(), cond[1].get("pooled_output"))
-            cross_attn, pooled = text_cache[caption]
-            tensors[f"cross_attn.{v}"] = cross_attn
-            if pooled is not None:
-                tensors[f"pooled.{v}"] = pooled[0].cpu()
+                text_cache[caption] = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
+            tensors.update(pack_conditioning(text_cache[caption], v))
         return tensors
 
     @staticmethod
@@ -209,7 +205,8 @@ class LoRALabDataset:
         latents, conds = [], []
         for v in range(len(item.images)):
             latents.append(tensors[f"latent.{v}"])
-            extra = dict(sizes[v]) if sizes else dict(plain)
+            cross_attn, pooled, extra = unpack_conditioning(tensors, v)
+            extra.update(sizes[v] if sizes else plain)
             # The caption travels with its cached encoding: a text-encoder LoRA re-encodes it every step.
-            conds.append({"cross_attn": tensors[f"cross_attn.{v}"], "pooled_output": tensors.get(f"pooled.{v}"), "extra": extra, "caption": item.captions[v]})
+            conds.append({"cross_attn": cross_attn, "pooled_output": pooled, "extra": extra, "caption": item.captions[v]})
         return Example(latents, conds, item.repeats, item.name)

@@ -7,6 +7,9 @@ recorded key and tensor checksum match and every tensor is finite; anything else
 a tampered or foreign file) is ignored and rebuilt. safetensors only: nothing is unpickled.
 
 Public API:
+    CACHE_FORMAT                                   part of every key: a new layout never reads old entries
+    pack_conditioning(cond, v) -> dict[str, Tensor]    one variant's text-encoder output, for an entry
+    unpack_conditioning(tensors, v) -> (cross_attn, pooled | None, extras)
     cache_key(*parts) -> str
     save_entry(cache_dir, key, tensors) -> Path        atomic (temp file + rename)
     load_entry(cache_dir, key) -> dict[str, Tensor] | None   None when missing or not verifiable
@@ -22,8 +25,43 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+# 2: every entry of the conditioning is kept (attention masks, token counts, second text
+# embeddings: what a model's extra_conds may read), not only cross_attn and pooled_output.
+CACHE_FORMAT = "2"
+
+
 def cache_key(*parts: str) -> str:
-    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+    return hashlib.sha256("\x1f".join((f"format{CACHE_FORMAT}",) + parts).encode()).hexdigest()
+
+
+def pack_conditioning(cond: list, v: int) -> dict[str, torch.Tensor]:
+    """A CLIP's conditioning ([[cross_attn [1, T, D], {name: value}]]) as cache tensors of variant v.
+
+    cross_attn and pooled_output lose their batch dimension; other tensors are kept as they are
+    (extra_conds reads them batched) and numbers become 0-d tensors. Values of other kinds (lists,
+    strings) are not image conditioning a caption makes and are left out."""
+    cross_attn, extras = cond[0][0], cond[0][1]
+    out = {f"cross_attn.{v}": cross_attn[0].detach().cpu()}
+    for name, value in extras.items():
+        if name == "pooled_output":
+            if value is not None:
+                out[f"pooled.{v}"] = value[0].detach().cpu()
+        elif isinstance(value, torch.Tensor):
+            out[f"cond.{name}.{v}"] = value.detach().cpu()
+        elif isinstance(value, (bool, int, float)):
+            out[f"num.{name}.{v}"] = torch.tensor(value)
+    return out
+
+
+def unpack_conditioning(tensors: dict[str, torch.Tensor], v: int) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(cross_attn [T, D], pooled [D] or None, the other entries by name) of variant v."""
+    extras = {}
+    for key, t in tensors.items():
+        kind, _, rest = key.partition(".")
+        name, _, variant = rest.rpartition(".")
+        if kind in ("cond", "num") and variant == str(v):
+            extras[name] = t.item() if kind == "num" else t
+    return tensors[f"cross_attn.{v}"], tensors.get(f"pooled.{v}"), extras
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
@@ -32,7 +70,7 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
         h.update(name.encode())
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 def _path(cache_dir: str | os.PathLike, key: str) -> Path:

@@ -82,7 +82,7 @@ def model_examples(denoiser, examples: list[Example]) -> list[Example]:
     out = []
     for ex in examples:
         latents = [latent_in(lat[None].clone().float())[0] for lat in ex.latents]
-        conds = [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in c.items()} if isinstance(c, dict) else c.clone() for c in ex.conds]
+        conds = [_fresh(c) for c in ex.conds]
         out.append(Example(latents, conds, ex.repeats, ex.name, dict(ex.extra)))
     return out
 
@@ -90,6 +90,15 @@ def model_examples(denoiser, examples: list[Example]) -> list[Example]:
 def _profile(denoiser) -> Profile:
     """The denoiser's family profile; a plain-PyTorch denoiser counts as SD1.5 (eps, UNet names)."""
     return getattr(denoiser, "profile", None) or profile_for("sd15")
+
+
+def _fresh(value):
+    """A copy of a conditioning (dicts of tensors, nested) whose tensors autograd can use."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _fresh(v) for k, v in value.items()}
+    return value
 
 
 def start_session(denoiser, targets: list[Target], examples: list[Example], spec: TrainingSpec, start_weights: Mapping[str, torch.Tensor] | None = None, start_field: str = "start_from_lora") -> Session:
