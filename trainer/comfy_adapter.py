@@ -341,8 +341,8 @@ class ComfyDenoiser:
             )
             if self.profile.guidance:  # others use their own default (Chroma: 0), as when sampling
                 kw["guidance"] = self.guidance
-            if pooled is not None:
-                kw["pooled_output"] = pooled[None].to(x.device)
+            # Present even when None, as in a sampled conditioning (T5-only models: Chroma's adm reads it).
+            kw["pooled_output"] = pooled[None].to(x.device) if pooled is not None else None
             kw.setdefault("width", x.shape[-1] * 8)
             kw.setdefault("height", x.shape[-2] * 8)
             per_item.append(self.model.extra_conds(**kw))

@@ -1,0 +1,123 @@
+"""Tiny seeded models of the families beyond SD1.5 / SDXL / Flux, built from ComfyUI's own classes.
+
+Each family is built in-process the way comfy.sd.load_diffusion_model_state_dict builds a model
+(`comfy.supported_models.<Config>(unet_config)` -> `get_model` -> `load_model_weights`), from a narrow
+config instead of the one ComfyUI's detection would read from a full-size file: detection pins the
+widths of Chroma, Qwen-Image, AuraFlow and Lumina 2 (3072 / 2304 ...), so a narrow model cannot come
+from a file. The text encoders of these families (T5-XXL, Qwen2.5-VL 7B, Gemma 2) are gigabytes: the
+stand-in encoder gives conditioning of the real widths (and Lumina 2's attention mask), the stand-in
+VAE latents of the family's channel count (5-D for Qwen-Image, whose VAE is Wan's).
+
+SD2.x 768-v: ComfyUI decides v-prediction from the weights of the last output block of a real
+checkpoint (`SD20.model_type`), which a one-level UNet does not have; the tiny SD2 is built as
+`model_base.BaseModel(SD20 config, ModelType.V_PREDICTION)`, which is what that check returns for a
+768-v file. Its model_sampling is ComfyUI's V_PREDICTION.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tiny_models import TINY_UNET_CONFIG, TinyTextEncoder, TinyVAE, _seeded_state_dict
+
+# family -> (supported_models config class, unet config, text tokens, text width, pooled width or None,
+#            latent channels, latent dims, VAE scale, VAE shift)
+FAMILIES = {
+    "sd2v": ("SD20", dict(TINY_UNET_CONFIG, context_dim=1024, use_linear_in_transformer=True, num_heads=-1, num_head_channels=64),
+             77, 1024, None, 4, 4, 0.18215, 0.0),
+    "sd3": ("SD3", {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "input_size": None,
+                    "adm_in_channels": 2048, "pos_embed_max_size": 16, "num_patches": 256, "qk_norm": "rms",
+                    "pos_embed_scaling_factor": None, "x_block_self_attn_layers": [0],
+                    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 128}}},
+            32, 4096, 2048, 16, 4, 1.5305, 0.0609),
+    "chroma": ("Chroma", {"image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 4096, "hidden_size": 128,
+                          "mlp_ratio": 4.0, "num_heads": 2, "depth": 2, "depth_single_blocks": 2, "axes_dim": [8, 28, 28],
+                          "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 128, "hidden_dim": 256, "n_layers": 2},
+               32, 4096, None, 16, 4, 0.3611, 0.1159),
+    "qwen_image": ("QwenImage", {"image_model": "qwen_image", "in_channels": 64, "out_channels": 16, "num_layers": 2,
+                                 "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 3584,
+                                 "axes_dims_rope": (8, 12, 12)},
+                   32, 3584, None, 16, 5, 1.0, 0.0),
+    # No LoRA Lab profile: trained by the generic path.
+    "auraflow": ("AuraFlow", {"cond_seq_dim": 2048, "in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 128, "n_layers": 4,
+                              "n_double_layers": 2, "n_heads": 2, "global_conddim": 128, "max_seq": 256},
+                 32, 2048, None, 4, 4, 0.13025, 0.0),
+    "lumina2": ("Lumina2", {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 128, "n_layers": 2,
+                            "n_refiner_layers": 2, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 32, "qk_norm": True,
+                            "cap_feat_dim": 2304, "axes_dims": [16, 24, 24], "axes_lens": [300, 512, 512]},
+                32, 2304, None, 16, 4, 0.3611, 0.1159),
+}
+
+
+GATES = ("mod.", "modC", "modX", "modF", "adaLN_modulation", "img_mod", "txt_mod")
+
+
+def load_tiny_family(family: str, seed: int = 0):
+    """A ModelPatcher of the tiny `family` model, seeded, in float32."""
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config_name, unet_config = FAMILIES[family][:2]
+    model_config = getattr(comfy.supported_models, config_name)(dict(unet_config))
+    model_config.set_inference_dtype(torch.float32, None)
+    if family == "sd2v":
+        model = comfy.model_base.BaseModel(model_config, model_type=comfy.model_base.ModelType.V_PREDICTION)
+    else:
+        model = model_config.get_model({}, "")
+    sd = _seeded_state_dict(model.diffusion_model, seed)
+    for k in sd:  # RMSNorm / modulation scales as real checkpoints have them
+        if k.endswith(".scale"):
+            sd[k] = torch.ones_like(sd[k])
+        # Modulation layers set the blocks' gates: at the 0.02 std of the other weights every block's
+        # output would be gated to ~0 (nothing for a LoRA to change); trained models have open gates.
+        elif k.endswith(".weight") and sd[k].ndim == 2 and any(m in k for m in GATES):
+            sd[k] = sd[k] * 25
+    model = model.to(comfy.model_management.unet_offload_device())
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+class FamilyTextEncoder(TinyTextEncoder):
+    """The stand-in CLIP with the family's text width (no pooled output where the family has none;
+    Lumina 2's Gemma gives an attention mask, 1 on the caption's tokens)."""
+
+    def __init__(self, family):
+        _, _, self.tokens, self.width, pooled, *_ = FAMILIES[family]
+        self.family, self.pooled_width = family, pooled or 8
+        self.has_pooled = pooled is not None
+        self.cond_stage_model = torch.nn.Module()
+        self.cond_stage_model.register_buffer("dims", torch.tensor([self.tokens, self.width, self.pooled_width, sum(map(ord, family))]))
+
+    def encode_from_tokens_scheduled(self, tokens, **kw):
+        (cross, extras), = super().encode_from_tokens_scheduled(tokens, **kw)
+        extras = dict(extras) if self.has_pooled else {}
+        if self.family == "lumina2":
+            n = max(1, min(len(list(tokens)), self.tokens))
+            extras["attention_mask"] = (torch.arange(self.tokens) < n).long()[None]
+        return [[cross, extras]]
+
+
+class FamilyVAE(TinyVAE):
+    """The stand-in VAE with the family's latent channels (and time axis for Qwen-Image's Wan VAE)."""
+
+    def __init__(self, family, seed=0):
+        *_, channels, dims, scale, shift = FAMILIES[family]
+        g = torch.Generator().manual_seed(1000 + int(seed))
+        m = torch.randn(channels, 3, generator=g)
+        self.family, self.dims = family, dims
+        self.first_stage_model = torch.nn.Module()
+        self.first_stage_model.register_buffer("proj", m)
+        self.first_stage_model.register_buffer("unproj", torch.linalg.pinv(m))
+        self.scale, self.shift = scale, shift
+        self.downscale_ratio = 8
+        self.latent_channels = channels
+
+    def encode(self, pixels):
+        z = super().encode(pixels)
+        return z[:, :, None] if self.dims == 5 else z
+
+    def decode(self, latent):
+        return super().decode(latent[:, :, 0] if latent.ndim == 5 else latent)
