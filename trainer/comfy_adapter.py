@@ -357,10 +357,15 @@ class ComfyDenoiser:
 
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, conds: list[dict]) -> torch.Tensor:
         kwargs = self.model_conds(conds, x)
-        if not torch.is_grad_enabled():
-            return self.model.apply_model(x, sigma, **kwargs)
-        with autograd_safe(self.model.diffusion_model, self.profile.inplace_blocks):
-            return self.model.apply_model(x, sigma, **kwargs)
+        guard = autograd_safe(self.model.diffusion_model, self.profile.inplace_blocks) if torch.is_grad_enabled() else nullcontext()
+        try:
+            with guard:
+                return self.model.apply_model(x, sigma, **kwargs)
+        except RuntimeError as e:
+            if "shapes cannot be multiplied" in str(e) or "size of tensor a" in str(e):
+                raise ConfigError("dataset", f"its encoded images or captions don't fit this {self.profile.label} MODEL ({e}). Encode the dataset with the VAE and text encoder "
+                                  "of the model you train (from the same checkpoint, or the loaders for this model's files).") from None
+            raise
 
     def training_context(self, precision):
         """fp8 base weights, for the duration of training only (the memory estimate runs inside)."""

@@ -331,7 +331,8 @@ STOPPED = {
     "validation_split_with_one_image": (
         lambda s: graph(validation_split=0.25, dataset=folder(s, "single", {"only.png": noise_image(), "only.txt": "a photo"})),
         [TRAIN], TRAIN, "validation_split", ["1 image(s)", "at least 2", "set validation_split to 0"]),
-    "unsupported_model_family": (lambda s: unet_graph(SD2_UNET_NAME), [TRAIN], TRAIN, "model", ["SD1.5, SDXL and Flux", "SD20", "Load an SD1.5"]),
+    # An SD2 UNet with the dataset encoded by the SD1.5 checkpoint's CLIP (768 wide, SD2 reads 1024).
+    "dataset_encoded_for_another_model": (lambda s: unet_graph(SD2_UNET_NAME), [TRAIN], TRAIN, "dataset", ["don't fit this SD2.x MODEL", "text encoder of the model you train"]),
     "apply_sdxl_lora_to_sd15": (lambda s: apply_graph(lora_name="sdxl_keyed.safetensors"), [SAMPLE_OUT], APPLY, "lora_name",
                                 ["sdxl_base_v1-0", "none of its layer names exist in this SD1.5 MODEL", "Pick a LoRA trained for SD1.5"]),
     "apply_random_keyed_lora": (lambda s: apply_graph(lora_name="random_keyed.safetensors"), [SAMPLE_OUT], APPLY, "lora_name",

@@ -202,7 +202,26 @@ def _in_process(comfyui: str, base: str) -> dict:
         STORE.release(node_key(node))
         out[family] = r
         print(f"{family}: {time.monotonic() - t0:.0f} s, val {r['val_loss']}, parity {r['parity']}, objective {r['objective']}", file=sys.stderr, flush=True)
+    out["refused"] = _refusals()
     print(json.dumps(out))
+    return out
+
+
+def _refusals() -> dict:
+    """The family check on ComfyUI's own model classes that are not image models (no instance is
+    built: detection reads the class hierarchy first)."""
+    import comfy.model_base as mb
+    from lora_lab.trainer.errors import ConfigError
+    from lora_lab.trainer.profiles import NOT_IMAGE, VIDEO, detect
+
+    out = {"missing": [n for n in list(NOT_IMAGE) + list(VIDEO) if not hasattr(mb, n)]}
+    for name in ("ACEStep", "StableAudio1", "Hunyuan3Dv2", "WAN22", "HunyuanVideo"):
+        cls = getattr(mb, name)
+        try:
+            detect(cls.__new__(cls))
+            out[name] = None
+        except ConfigError as e:
+            out[name] = f"{e.field}: {e.message}"
     return out
 
 
@@ -257,6 +276,13 @@ def test_model_patched_by_comfyui_matches_the_training_forward(results, family, 
     p = results[family]["parity"][strength]
     assert p["lora_effect"] > 1e-4, p  # trained: the LoRA changes the output
     assert p["max_diff"] <= TOLERANCE * p["lora_effect"] + 1e-5, p
+
+
+@pytest.mark.parametrize("name, kind", [("ACEStep", "audio"), ("StableAudio1", "audio"), ("Hunyuan3Dv2", "3D"), ("WAN22", "video"), ("HunyuanVideo", "video")])
+def test_audio_3d_and_video_models_are_refused_by_their_comfyui_class(results, name, kind):
+    assert results["refused"]["missing"] == []  # every class the refusal lists exists in ComfyUI
+    message = results["refused"][name]
+    assert message is not None and message.startswith("model: ") and name in message and f"a {kind} model" in message, message
 
 
 @pytest.mark.parametrize("family, version", [("sd3", "5-medium"), ("chroma", "chroma"), ("sd2v", "sd_v2_v"), ("qwen_image", "qwen_image")])
