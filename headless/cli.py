@@ -3,8 +3,9 @@
 It starts ComfyUI headless in a throw-away base directory (this pack installed, your ComfyUI's
 models visible), queues exactly the graph of example_workflows/train_<family>_lora.json built from
 the options, shows progress, and copies the LoRA, the training report and the strength sweep into
---output. Options mirror the nodes' inputs and defaults; --family (sd15, sdxl, flux) picks the
-loaders, the test graph and the defaults that depend on the family (headless/workflow.py).
+--output. Options mirror the nodes' inputs and defaults. The family (loaders, test graph and the
+defaults that depend on it, from its profile) is read from the model file's tensor names; --family
+overrides it.
 """
 
 from __future__ import annotations
@@ -21,30 +22,61 @@ from pathlib import Path
 
 from .server import REPO_ROOT, ComfyServer, ExecutionFailed, PromptRejected, ServerError, execution_error, looks_like_comfyui, status_str
 from .workflow import FAMILIES, FAMILY_DEFAULTS, REPORT_SAVE, SAVE, SWEEP_SAVE, TRAIN, TrainingOptions, option_default, training_prompt
+from trainer.profiles import detect_file, profile_for
 
 HELP = {
-    "checkpoint": "sd15/sdxl: checkpoint file (path) or a name in your ComfyUI's models/checkpoints; "
-                  "flux: the diffusion model (path) or a name in models/diffusion_models",
+    "checkpoint": "the model file (path) or a name in your ComfyUI's models/checkpoints (SD1.5, SD2, SDXL, SD3.5) "
+                  "or models/diffusion_models (Flux, Chroma, Qwen-Image)",
     "dataset": "folder of images with .txt captions (kohya 10_name sub-folders for repeats)",
-    "family": "the base model: sd15, sdxl or flux (default sd15)",
-    "mixed_precision": "auto, bf16, fp16 or fp32 (default auto: bf16 on recent GPUs, fp16 on older ones, fp32 on CPU; flux: bf16)",
-    "clip_l": "flux: CLIP-L file (path) or a name in models/text_encoders (default clip_l.safetensors)",
-    "t5xxl": "flux: T5-XXL file (path) or a name in models/text_encoders (default t5xxl_fp16.safetensors)",
-    "vae": "flux: VAE file (path) or a name in models/vae (default ae.safetensors)",
-    "weight_dtype": "flux: UNETLoader weight_dtype, default fp8_e4m3fn (the model held in fp8 from the start); default for full precision",
+    "family": f"the base model: {', '.join(FAMILIES)} (default: read from the model file)",
+    "mixed_precision": "auto, bf16, fp16 or fp32 (default auto: bf16 on recent GPUs, fp16 on older ones, fp32 on CPU; flow models: bf16)",
+    "clip_l": "flux, sd3: CLIP-L file (path) or a name in models/text_encoders (default clip_l.safetensors)",
+    "clip_g": "sd3: CLIP-G file (path) or a name in models/text_encoders (default clip_g.safetensors)",
+    "t5xxl": "flux, chroma, sd3: T5-XXL file (path) or a name in models/text_encoders (default t5xxl_fp16.safetensors)",
+    "text_encoder": "qwen_image: Qwen2.5-VL file (path) or a name in models/text_encoders (default qwen_2.5_vl_7b_fp8_scaled.safetensors)",
+    "vae": "flux, chroma: ae.safetensors; qwen_image: qwen_image_vae.safetensors (path or a name in models/vae)",
+    "weight_dtype": "UNETLoader families: weight_dtype, default fp8_e4m3fn for flux/chroma (held in fp8 from the start), default otherwise",
     "guidance": "flux: the guidance Flux-dev is conditioned on while training (default 1.0)",
     "test_guidance": "flux: FluxGuidance of the test prompt and sweep (default 3.5)",
 }
-# Options that name a model file, and the models folder each lives in, per family.
-MODEL_FILES = {"checkpoint": {"sd15": "checkpoints", "sdxl": "checkpoints", "flux": "diffusion_models"},
-               "clip_l": {"flux": "text_encoders"}, "t5xxl": {"flux": "text_encoders"}, "vae": {"flux": "vae"}}
+
+
+def model_folders(family: str) -> dict[str, str]:
+    """Options that name a model file for this family -> the models folder it lives in."""
+    w = profile_for(family).workflow
+    folders = {"checkpoint": "diffusion_models" if w.model_loader == "UNETLoader" else "checkpoints"}
+    folders.update({name: "text_encoders" for name in w.text_encoders})
+    if w.vae_file:
+        folders["vae"] = "vae"
+    return folders
+
+
+def family_of(checkpoint: str, comfyui: str | None) -> str:
+    """The family of the model file, from its tensor names; a clear exit when it can't be told."""
+    path = Path(checkpoint).expanduser()
+    if not path.is_file() and comfyui:
+        found = [Path(comfyui) / "models" / d / checkpoint for d in ("checkpoints", "diffusion_models", "unet")]
+        path = next((p for p in found if p.is_file()), path)
+    if not path.is_file():
+        raise SystemExit(f"--checkpoint: {checkpoint} is not a file here or in your ComfyUI's models folders; give its path, or say --family.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            profile = detect_file(f.keys())
+    except Exception as e:  # noqa: BLE001 - not a safetensors file: the user picks the family
+        raise SystemExit(f"--checkpoint: {path.name} could not be read as a .safetensors model ({e}); say --family.") from None
+    if profile is None:
+        raise SystemExit(f"--checkpoint: {path.name} is not a model of a known family ({', '.join(FAMILIES)}); say --family, "
+                         "or load it in a workflow (the Train node trains other image models by its generic path).")
+    return profile.key
 
 
 def _help(name: str, default) -> str:
     if name in HELP:
         return HELP[name]
     if name in FAMILY_DEFAULTS["sd15"]:
-        return "default " + ", ".join(f"{FAMILY_DEFAULTS[f][name]} ({f})" for f in FAMILIES)
+        return "default " + ", ".join(f"{FAMILY_DEFAULTS[f][name]} ({f})" for f in FAMILIES if FAMILY_DEFAULTS[f][name] is not None)
     return f"default {default}"
 
 
@@ -74,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
             train.add_argument(flag, dest=f.name, required=True, help=HELP.get(f.name))
             continue
         example = option_default(f.name)  # None below: the family's default (TrainingOptions fills it in)
-        default = None if f.default is None else f.default
+        default = None if f.default is None or f.name == "family" else f.default
         if f.name == "family":
             train.add_argument(flag, dest=f.name, choices=FAMILIES, default=default, help=HELP["family"])
         elif isinstance(example, bool):
@@ -95,11 +127,12 @@ def _use_gpu(device: str) -> bool:
 def _prepare(args, base: Path) -> dict:
     """Base directory for ComfyUI: your models visible, model files given as paths linked in, the dataset resolved."""
     opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingOptions)}
-    for name, folders in MODEL_FILES.items():
-        path = Path(opts[name]).expanduser()
-        if args.family in folders and path.is_file():
-            (base / "models" / folders[args.family]).mkdir(parents=True, exist_ok=True)
-            os.symlink(path.resolve(), base / "models" / folders[args.family] / path.name)
+    opts["family"] = args.family or family_of(args.checkpoint, args.comfyui)
+    for name, folder in model_folders(opts["family"]).items():
+        path = Path(opts[name] or FAMILY_DEFAULTS[opts["family"]].get(name) or "").expanduser()
+        if opts[name] and path.is_file():
+            (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+            os.symlink(path.resolve(), base / "models" / folder / path.name)
             opts[name] = path.name
     dataset = Path(args.dataset).expanduser()
     if not dataset.is_dir():

@@ -62,6 +62,7 @@ EXAMPLES = {
     "sd15": ("train_sd15_lora", TrainingOptions(checkpoint="v1-5-pruned-emaonly.safetensors", **_EXAMPLE_COMMON)),
     "sdxl": ("train_sdxl_lora", TrainingOptions(family="sdxl", checkpoint="sd_xl_base_1.0.safetensors", **_EXAMPLE_COMMON)),
     "flux": ("train_flux_lora", TrainingOptions(family="flux", checkpoint="flux1-dev.safetensors", **_EXAMPLE_COMMON)),
+    "qwen_image": ("train_qwen_image_lora", TrainingOptions(family="qwen_image", checkpoint="qwen_image_fp8_e4m3fn.safetensors", **_EXAMPLE_COMMON)),
 }
 EXAMPLE_OPTIONS = EXAMPLES["sd15"][1]
 
@@ -354,6 +355,8 @@ THUMBNAILS = {
     "sdxl": ("LoRA Lab: train an SDXL LoRA", "Training (1024 px)", ("SDXL ckpt",), ("Prompts", "Latent 1024")),
     "flux": ("LoRA Lab: train a Flux LoRA", "Training (1024 px, fp8 base)", ("Flux UNet", "CLIP-L + T5", "VAE (ae)"),
              ("Prompt", "Guidance", "SD3 latent")),
+    "qwen_image": ("LoRA Lab: train a Qwen-Image LoRA", "Training (1024 px, fp8 base)", ("Qwen UNet", "Qwen2.5-VL", "VAE"),
+                   ("Prompts", "SD3 latent")),
 }
 
 
@@ -451,7 +454,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m headless.ui_workflow",
                                 description="Write the example workflows (UI format) and their thumbnails.")
     p.add_argument("out", help="a folder (every family's example, e.g. example_workflows/) or one .json file")
-    p.add_argument("--family", choices=FAMILIES, help="the example to write (default: from the file name, else sd15)")
+    p.add_argument("--family", choices=list(EXAMPLES), help="the example to write (default: from the file name, else sd15)")
     p.add_argument("--object-info", help="a saved GET /object_info JSON (default: ask a temporary ComfyUI at $COMFYUI_PATH)")
     p.add_argument("--no-thumbnail", action="store_true", help="don't write the .jpg next to the .json")
     a = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""The example training + test workflows (SD1.5, SDXL, Flux), in ComfyUI's API format, from one set of options.
+"""The example training + test workflows of every profiled family, in ComfyUI's API format, from one set of options.
 
     prompt = training_prompt(TrainingOptions(checkpoint=..., dataset=..., family="sdxl"))
 
@@ -6,12 +6,11 @@ The headless command (`python <pack folder> train ...`) queues exactly this grap
 example_workflows/train_<family>_lora.json is its UI-format twin (a test checks they agree), so the
 command line, the templates and the integration tests all run the same workflow.
 
-Per family:
-  sd15, sdxl  CheckpointLoaderSimple (MODEL, CLIP, VAE); test graph CLIPTextEncode + EmptyLatentImage.
-  flux        UNETLoader (models/diffusion_models), DualCLIPLoader (clip_l + t5xxl, type flux) and
-              VAELoader (ae.safetensors); test graph CLIPTextEncode -> FluxGuidance, negative zeroed
-              (Flux-dev has no negative prompt: cfg 1.0), EmptySD3LatentImage — as ComfyUI's own Flux
-              examples do. Trained with flux_shift timesteps at guidance 1.0, fp8 base weights.
+What differs per family is data in the family's profile (trainer/profiles.py: `Workflow` and
+`FamilyDefaults`): the loaders (CheckpointLoaderSimple; or UNETLoader with CLIPLoader /
+DualCLIPLoader / TripleCLIPLoader and VAELoader), the test latent and sampler settings, whether the
+test prompt has a negative (Flux-dev samples at cfg 1.0 with a zeroed one, as ComfyUI's own examples
+do) or a guidance value (FluxGuidance), and the training defaults (resolution, timesteps, precision).
 
 Options left at None take the family's default (FAMILY_DEFAULTS). Inputs that no option sets are in
 FIXED_INPUTS, per node class: a new node input with a default is added there, once.
@@ -27,27 +26,28 @@ from dataclasses import asdict, dataclass, fields
 from trainer.network import NetworkConfig
 from trainer.optimizers import OptimizerConfig
 from trainer.precision import PrecisionConfig
+from trainer.profiles import PROFILES, Profile, profile_for
 from trainer.schedule import ScheduleConfig
 from trainer.spec import TrainConfig
 
 # Node ids, stable so tests and the UI twin can refer to them.
 CKPT, DATASET, NETWORK, OPTIMIZER, PRECISION, TRAIN, SAVE, REPORT, REPORT_SAVE = "1", "2", "3", "4", "5", "6", "7", "8", "9"
 POS, NEG, LATENT, SWEEP, SWEEP_SAVE, PREVIEW = "10", "11", "12", "13", "14", "15"
-CLIP_LOADER, VAE_LOADER, GUIDANCE = "16", "17", "18"  # Flux: its separate text-encoder and VAE files, FluxGuidance
+CLIP_LOADER, VAE_LOADER, GUIDANCE = "16", "17", "18"  # separate text-encoder and VAE files, FluxGuidance
 
-FAMILIES = ("sd15", "sdxl", "flux")
+FAMILIES = tuple(p.key for p in PROFILES if p.workflow)
 
-# What "None" means per family. SDXL and Flux train and sample at 1024 px; Flux is sampled as ComfyUI's
-# Flux-dev examples do (cfg 1.0, scheduler simple) and trained memory-economically (fp8 base weights),
-# always in bf16: Flux's activations overflow fp16, so "auto" (fp16 on pre-Ampere GPUs) is not offered.
-FAMILY_DEFAULTS = {
-    "sd15": {"resolution": 512, "test_size": 512, "test_steps": 20, "test_cfg": 7.0, "test_scheduler": "normal",
-             "save_dtype": "fp16", "fp8_base": False, "timestep_sampling": "uniform", "mixed_precision": "auto"},
-    "sdxl": {"resolution": 1024, "test_size": 1024, "test_steps": 25, "test_cfg": 7.0, "test_scheduler": "normal",
-             "save_dtype": "fp16", "fp8_base": False, "timestep_sampling": "uniform", "mixed_precision": "auto"},
-    "flux": {"resolution": 1024, "test_size": 1024, "test_steps": 20, "test_cfg": 1.0, "test_scheduler": "simple",
-             "save_dtype": "bf16", "fp8_base": True, "timestep_sampling": "flux_shift", "mixed_precision": "bf16"},
-}
+
+def _defaults(p: Profile) -> dict:
+    d, w = p.defaults, p.workflow
+    return {"resolution": d.resolution, "test_size": d.resolution, "test_steps": w.test_steps, "test_cfg": w.test_cfg,
+            "test_scheduler": w.test_scheduler, "save_dtype": d.save_dtype, "fp8_base": d.fp8_base,
+            "timestep_sampling": d.timestep_sampling, "mixed_precision": d.mixed_precision,
+            "vae": w.vae_file or None, "weight_dtype": w.weight_dtype}
+
+
+# What "None" means per family, from the profiles.
+FAMILY_DEFAULTS = {key: _defaults(profile_for(key)) for key in FAMILIES}
 
 # Inputs no option sets, per node class (merged under the inputs the builder sets).
 FIXED_INPUTS = {
@@ -63,14 +63,15 @@ FIXED_INPUTS = {
     "LoRALabPreview": {"sampler_name": "euler"},
     "EmptyLatentImage": {"batch_size": 1},
     "EmptySD3LatentImage": {"batch_size": 1},
-    "DualCLIPLoader": {"type": "flux", "device": "default"},
+    "DualCLIPLoader": {"device": "default"},
+    "CLIPLoader": {"device": "default"},
 }
 NEGATIVE_PROMPT = "blurry, low quality"
 
 
 @dataclass(frozen=True)
 class TrainingOptions:
-    checkpoint: str  # sd15 / sdxl: a file in models/checkpoints; flux: the diffusion model in models/diffusion_models
+    checkpoint: str  # the family's model file: models/checkpoints, or models/diffusion_models for UNETLoader families
     dataset: str
     family: str = "sd15"
     output_name: str = "my_lora"
@@ -100,13 +101,19 @@ class TrainingOptions:
     test_scheduler: str | None = None
     test_size: int | None = None
     preview_every: int = 0  # > 0: the Train node samples the test prompt every N steps
-    # Flux only (the other families ignore them)
-    clip_l: str = "clip_l.safetensors"  # models/text_encoders
-    t5xxl: str = "t5xxl_fp16.safetensors"  # models/text_encoders; t5xxl_fp8_e4m3fn.safetensors needs less memory
-    vae: str = "ae.safetensors"  # models/vae
-    weight_dtype: str = "fp8_e4m3fn"  # UNETLoader: the diffusion model is held in fp8 from the start
-    guidance: float = 1.0  # the guidance value Flux-dev is conditioned on while training
+    # Text-encoder files (models/text_encoders) of the families that load them apart (profile.workflow.text_encoders)
+    clip_l: str = "clip_l.safetensors"
+    clip_g: str = "clip_g.safetensors"
+    t5xxl: str = "t5xxl_fp16.safetensors"  # t5xxl_fp8_e4m3fn.safetensors needs less memory
+    text_encoder: str = "qwen_2.5_vl_7b_fp8_scaled.safetensors"  # Qwen-Image's Qwen2.5-VL
+    vae: str | None = None  # models/vae, for families whose VAE is its own file (Flux, Chroma: ae.safetensors)
+    weight_dtype: str | None = None  # UNETLoader: fp8_e4m3fn holds the diffusion model in fp8 from the start
+    guidance: float = 1.0  # families conditioned on guidance (Flux-dev): the value while training
     test_guidance: float = 3.5  # FluxGuidance of the test prompt
+
+    @property
+    def profile(self) -> Profile:
+        return profile_for(self.family)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -117,9 +124,12 @@ class TrainingOptions:
 
 
 def option_default(name: str):
-    """The default of an option, as SD1.5 has it (FAMILY_DEFAULTS for those that depend on the family)."""
+    """The default of an option, as SD1.5 has it (FAMILY_DEFAULTS for those that depend on the
+    family; the first family that has one, for files SD1.5 doesn't load apart)."""
     f = next(f for f in fields(TrainingOptions) if f.name == name)
-    return FAMILY_DEFAULTS["sd15"][name] if f.default is None else f.default
+    if f.default is not None:
+        return f.default
+    return next((FAMILY_DEFAULTS[k][name] for k in FAMILIES if FAMILY_DEFAULTS[k][name] is not None), None)
 
 
 def node(class_type: str, **inputs) -> dict:
@@ -128,24 +138,31 @@ def node(class_type: str, **inputs) -> dict:
 
 def _loaders(o: TrainingOptions) -> tuple[dict, dict]:
     """The loader nodes and where MODEL, CLIP and VAE come from."""
-    if o.family == "flux":
-        nodes = {
-            CKPT: node("UNETLoader", unet_name=o.checkpoint, weight_dtype=o.weight_dtype),
-            CLIP_LOADER: node("DualCLIPLoader", clip_name1=o.clip_l, clip_name2=o.t5xxl),
-            VAE_LOADER: node("VAELoader", vae_name=o.vae),
-        }
-        return nodes, {"model": [CKPT, 0], "clip": [CLIP_LOADER, 0], "vae": [VAE_LOADER, 0]}
-    return {CKPT: node("CheckpointLoaderSimple", ckpt_name=o.checkpoint)}, {"model": [CKPT, 0], "clip": [CKPT, 1], "vae": [CKPT, 2]}
+    w = o.profile.workflow
+    if w.model_loader == "UNETLoader":
+        nodes = {CKPT: node("UNETLoader", unet_name=o.checkpoint, weight_dtype=o.weight_dtype)}
+        src = {"model": [CKPT, 0]}
+    else:
+        nodes = {CKPT: node("CheckpointLoaderSimple", ckpt_name=o.checkpoint)}
+        src = {"model": [CKPT, 0], "clip": [CKPT, 1], "vae": [CKPT, 2]}
+    if w.clip_loader:
+        files = {f"clip_name{i + 1}" if len(w.text_encoders) > 1 else "clip_name": getattr(o, name) for i, name in enumerate(w.text_encoders)}
+        nodes[CLIP_LOADER] = node(w.clip_loader, **files, **({"type": w.clip_type} if w.clip_type else {}))
+        src["clip"] = [CLIP_LOADER, 0]
+    if w.vae_file:
+        nodes[VAE_LOADER] = node("VAELoader", vae_name=o.vae)
+        src["vae"] = [VAE_LOADER, 0]
+    return nodes, src
 
 
 def _training(o: TrainingOptions, src: dict) -> dict:
     train = dict(model=src["model"], dataset=[DATASET, 0], network=[NETWORK, 0], optimizer=[OPTIMIZER, 0],
                  precision=[PRECISION, 0], steps=o.steps, batch_size=o.batch_size, seed=o.seed,
                  output_name=o.output_name, min_snr_gamma=o.min_snr_gamma, validation_split=o.validation_split)
-    if o.family == "flux":
-        train.update(timestep_sampling=o.timestep_sampling, guidance=o.guidance)
-    elif o.timestep_sampling != "uniform":
+    if o.timestep_sampling != "uniform":
         train.update(timestep_sampling=o.timestep_sampling)
+    if o.profile.guidance:
+        train.update(guidance=o.guidance)
     return {
         DATASET: node("LoRALabDataset", folder=o.dataset, vae=src["vae"], clip=src["clip"], resolution=o.resolution,
                       repeats=o.repeats, trigger_word=o.trigger_word),
@@ -163,16 +180,17 @@ def _training(o: TrainingOptions, src: dict) -> dict:
 
 def _test(o: TrainingOptions, src: dict) -> dict:
     """The test prompt, its negative and latent, and the strength sweep."""
+    w = o.profile.workflow
     nodes = {POS: node("CLIPTextEncode", text=o.test_prompt, clip=src["clip"])}
-    if o.family == "flux":
+    positive = [POS, 0]
+    if o.profile.guidance:
         nodes[GUIDANCE] = node("FluxGuidance", conditioning=[POS, 0], guidance=o.test_guidance)
-        nodes[NEG] = node("ConditioningZeroOut", conditioning=[POS, 0])  # ignored at cfg 1.0
-        nodes[LATENT] = node("EmptySD3LatentImage", width=o.test_size, height=o.test_size)
         positive = [GUIDANCE, 0]
-    else:
+    if w.negative:
         nodes[NEG] = node("CLIPTextEncode", text=NEGATIVE_PROMPT, clip=src["clip"])
-        nodes[LATENT] = node("EmptyLatentImage", width=o.test_size, height=o.test_size)
-        positive = [POS, 0]
+    else:
+        nodes[NEG] = node("ConditioningZeroOut", conditioning=[POS, 0])  # ignored at cfg 1.0
+    nodes[LATENT] = node(w.latent, width=o.test_size, height=o.test_size)
     nodes[SWEEP] = node("LoRALabStrengthSweep", model=src["model"], lora=[TRAIN, 1], positive=positive,
                         negative=[NEG, 0], vae=src["vae"], latent=[LATENT, 0], strengths=o.strengths, seed=o.seed,
                         steps=o.test_steps, cfg=o.test_cfg, scheduler=o.test_scheduler)

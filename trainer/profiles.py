@@ -24,6 +24,7 @@ without ComfyUI. Public API:
     PROFILES, Profile, FamilyDefaults
     detect(model) -> Profile            a ComfyUI BaseModel; ConfigError for audio / 3D / video
     profile_for(key) -> Profile         by key ("sd15", "qwen_image", ...)
+    detect_file(tensor names) -> Profile | None   a model file's family (the headless --family default)
     generic_profile(model) -> Profile
     repeated_blocks(root) -> [(path, ModuleList)]
 """
@@ -52,6 +53,30 @@ class FamilyDefaults:
 
 
 @dataclass(frozen=True)
+class Workflow:
+    """How ComfyUI loads and samples the family: the example workflow and the headless command.
+
+    The MODEL comes from `model_loader` (CheckpointLoaderSimple: models/checkpoints, with CLIP and
+    VAE unless their own loaders are named; UNETLoader: models/diffusion_models). `text_encoders`
+    names the headless options holding the text-encoder files, in the order `clip_loader` takes
+    them. `file_keys`: tensor-name fragments that identify the family's model file, all present."""
+
+    model_file: str
+    file_keys: tuple[str, ...]
+    model_loader: str = "CheckpointLoaderSimple"
+    clip_loader: str = ""  # "", CLIPLoader, DualCLIPLoader or TripleCLIPLoader
+    clip_type: str = ""
+    text_encoders: tuple[str, ...] = ()
+    vae_file: str = ""  # "": the checkpoint's VAE
+    weight_dtype: str = "default"
+    latent: str = "EmptyLatentImage"
+    test_steps: int = 20
+    test_cfg: float = 7.0
+    test_scheduler: str = "normal"
+    negative: bool = True  # False: sampled at cfg 1 with a zeroed negative (Flux-dev)
+
+
+@dataclass(frozen=True)
 class Profile:
     key: str  # stored in the file as lora_lab_family
     label: str  # the user's name of the family
@@ -71,6 +96,7 @@ class Profile:
     metadata_extra: dict = field(default_factory=dict)
     guidance: bool = False  # conditioned on a guidance value (Flux-dev): the Train node's guidance input
     variant: Callable[[object, dict], dict] | None = None  # (model, UNet config) -> fields that differ per model
+    workflow: Workflow | None = None
     generic: bool = False
 
 
@@ -102,22 +128,27 @@ PROFILES: tuple[Profile, ...] = (
         "sd15", "SD1.5", ("BaseModel",), UNET, UNET_BLOCKS, ("sd_v1", "stable-diffusion-v1", "diffusers"),
         reference="kohya sd-scripts", readers="ComfyUI, A1111/Forge, diffusers, kohya",
         defaults=FamilyDefaults(resolution=512), match=lambda c: c.get("context_dim") == 768, subclasses=False,
-        conv_containers=UNET_CONV, diffusers_names=True, text_encoders=("lora_te_",)),
+        conv_containers=UNET_CONV, diffusers_names=True, text_encoders=("lora_te_",),
+        workflow=Workflow("v1-5-pruned-emaonly.safetensors", ("cond_stage_model.transformer.text_model", "model.diffusion_model.input_blocks"))),
     Profile(
         "sd2", "SD2.x", ("BaseModel",), UNET, UNET_BLOCKS, ("sd_v2", "stable-diffusion-v2-512", "diffusers"),
         reference="kohya sd-scripts", readers="ComfyUI, A1111/Forge, kohya",
         defaults=FamilyDefaults(resolution=768), match=lambda c: c.get("context_dim") == 1024, subclasses=False,
-        conv_containers=UNET_CONV, diffusers_names=True, metadata_extra={"ss_v2": "True"}, variant=_sd2_variant),
+        conv_containers=UNET_CONV, diffusers_names=True, metadata_extra={"ss_v2": "True"}, variant=_sd2_variant,
+        workflow=Workflow("v2-1_768-ema-pruned.safetensors", ("cond_stage_model.model.transformer", "model.diffusion_model.input_blocks"))),
     Profile(
         "sdxl", "SDXL", ("SDXL",), UNET, UNET_BLOCKS,
         ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "https://github.com/Stability-AI/generative-models"),
         reference="kohya sd-scripts", readers="ComfyUI, A1111/Forge, diffusers, kohya",
-        conv_containers=UNET_CONV, text_encoders=("lora_te1_", "lora_te2_")),
+        conv_containers=UNET_CONV, text_encoders=("lora_te1_", "lora_te2_"),
+        workflow=Workflow("sd_xl_base_1.0.safetensors", ("label_emb.", "input_blocks.", "middle_block."), test_steps=25)),
     Profile(
         "sd3", "SD3.5", ("SD3",), ("JointBlock",), ("joint_blocks",),
         ("5-large", "stable-diffusion-3-5-large", "diffusers"),
         reference="kohya sd-scripts", readers="ComfyUI, kohya (diffusers does not read kohya SD3 names)",
-        defaults=FamilyDefaults(timestep_sampling="shift", mixed_precision="bf16", save_dtype="bf16"), variant=_sd3_variant),
+        defaults=FamilyDefaults(timestep_sampling="shift", mixed_precision="bf16", save_dtype="bf16"), variant=_sd3_variant,
+        workflow=Workflow("sd3.5_large.safetensors", ("joint_blocks.0.context_block.attn.qkv.weight",), clip_loader="TripleCLIPLoader",
+                          text_encoders=("clip_l", "clip_g", "t5xxl"), latent="EmptySD3LatentImage", test_steps=28, test_cfg=4.5, test_scheduler="sgm_uniform")),
     Profile(
         # Chroma before Flux: it subclasses Flux in ComfyUI but has no guidance input and no
         # per-block modulation layers (one shared approximator, which is not trained).
@@ -126,20 +157,29 @@ PROFILES: tuple[Profile, ...] = (
         reference="kohya sd-scripts (lora_flux, model type chroma)", readers="ComfyUI, kohya, diffusers (Flux loader)",
         metadata_extra={"ss_model_type": "chroma"},
         defaults=FamilyDefaults(timestep_sampling="flux_shift", mixed_precision="bf16", save_dtype="bf16", fp8_base=True),
-        inplace_blocks=FLUX_BLOCKS),
+        inplace_blocks=FLUX_BLOCKS,
+        workflow=Workflow("chroma-unlocked-v48.safetensors", ("distilled_guidance_layer.", "double_blocks.", "single_blocks."), model_loader="UNETLoader",
+                          clip_loader="CLIPLoader", clip_type="chroma", text_encoders=("t5xxl",), vae_file="ae.safetensors", weight_dtype="fp8_e4m3fn",
+                          latent="EmptySD3LatentImage", test_steps=26, test_cfg=4.0, test_scheduler="simple")),
     Profile(
         "flux", "Flux", ("Flux",), FLUX_BLOCKS, ("double_blocks", "single_blocks"),
         ("flux1", "flux-1-dev", "https://github.com/black-forest-labs/flux"),
         reference="kohya sd-scripts", readers="ComfyUI, Forge, diffusers, kohya",
         defaults=FamilyDefaults(timestep_sampling="flux_shift", mixed_precision="bf16", save_dtype="bf16", fp8_base=True),
-        text_encoders=("lora_te1_",), inplace_blocks=FLUX_BLOCKS, guidance=True),
+        text_encoders=("lora_te1_",), inplace_blocks=FLUX_BLOCKS, guidance=True,
+        workflow=Workflow("flux1-dev.safetensors", ("double_blocks.0.img_attn.qkv.weight", "img_in.weight"), model_loader="UNETLoader",
+                          clip_loader="DualCLIPLoader", clip_type="flux", text_encoders=("clip_l", "t5xxl"), vae_file="ae.safetensors",
+                          weight_dtype="fp8_e4m3fn", latent="EmptySD3LatentImage", test_cfg=1.0, test_scheduler="simple", negative=False)),
     Profile(
         # musubi-tuner adapts every Linear of the blocks, the modulation layers (img_mod / txt_mod)
         # included: its exclusion pattern "_mod_" is matched against dotted paths, so it never applies.
         "qwen_image", "Qwen-Image", ("QwenImage",), ("QwenImageTransformerBlock",), ("transformer_blocks",),
         ("qwen_image", "Qwen-Image", "https://github.com/QwenLM/Qwen-Image"),
         reference="musubi-tuner", readers="ComfyUI, musubi-tuner, diffusers",
-        defaults=FamilyDefaults(timestep_sampling="shift", mixed_precision="bf16", save_dtype="bf16", fp8_base=True)),
+        defaults=FamilyDefaults(timestep_sampling="shift", mixed_precision="bf16", save_dtype="bf16", fp8_base=True),
+        workflow=Workflow("qwen_image_fp8_e4m3fn.safetensors", ("txt_norm.weight", "transformer_blocks.0.img_mod.1.weight"), model_loader="UNETLoader",
+                          clip_loader="CLIPLoader", clip_type="qwen_image", text_encoders=("text_encoder",), vae_file="qwen_image_vae.safetensors",
+                          latent="EmptySD3LatentImage", test_cfg=2.5, test_scheduler="simple")),
 )
 
 # Families that are not image / video diffusion: refused by name, whatever their sampling says.
@@ -158,6 +198,16 @@ def profile_for(key: str) -> Profile:
         if p.key == key:
             return p
     raise ConfigError("family", f"unknown family {key!r}; known: {', '.join(p.key for p in PROFILES)}.")
+
+
+def detect_file(keys) -> Profile | None:
+    """The family of a model file from its tensor names (safetensors header), or None. Most specific
+    first (more fragments to match): Chroma's file also looks like Flux's, SDXL's like SD1.5's."""
+    keys = list(keys)
+    for p in sorted(PROFILES, key=lambda p: -len(p.workflow.file_keys) if p.workflow else 0):
+        if p.workflow and all(any(f in k for k in keys) for f in p.workflow.file_keys):
+            return p
+    return None
 
 
 def _config(model) -> dict:

@@ -1,4 +1,4 @@
-"""The SDXL and Flux example graphs (headless/workflow.py, family sdxl / flux) run in a real ComfyUI on CPU.
+"""The SDXL, Flux and Qwen-Image example graphs (headless/workflow.py) run in a real ComfyUI on CPU.
 
 Real SDXL and Flux weights are gigabytes, so only the loaders are swapped for the tiny stand-ins of
 test_sdxl_flux.py: SDXL's CheckpointLoaderSimple becomes UNETLoader (the tiny SDXL UNet) plus the
@@ -7,7 +7,8 @@ Flux file as 3072 wide), its DualCLIPLoader and VAELoader the stand-in CLIP / VA
 node, link and input is the example's own: Dataset, Network, Optimizer, Precision (fp8 base weights and
 gradient checkpointing for Flux), Train (flux_shift timesteps and guidance for Flux), Save, Report,
 Preview, the test prompt (FluxGuidance, zeroed negative and EmptySD3LatentImage for Flux) and the
-strength sweep. Options make sizes and steps small; the graph is not changed.
+strength sweep. Qwen-Image's UNETLoader, CLIPLoader and VAELoader become the tiny Qwen-Image and its
+stand-in encoders (tiny_families.py). Options make sizes and steps small; the graph is not changed.
 """
 
 import json
@@ -54,6 +55,13 @@ def with_stand_in_loaders(prompt, family):
         p[CKPT] = {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_SDXL_UNET_NAME, "weight_dtype": "default"}}
         p[ENCODERS] = {"class_type": "LoRALabTestEncoders", "inputs": {"family": "sdxl"}}
         moves = {(CKPT, 1): [ENCODERS, 0], (CKPT, 2): [ENCODERS, 1]}
+    elif family == "qwen_image":
+        assert [p[k]["class_type"] for k in (CKPT, CLIP_LOADER, VAE_LOADER)] == ["UNETLoader", "CLIPLoader", "VAELoader"]
+        assert p[CLIP_LOADER]["inputs"]["type"] == "qwen_image"
+        p[CKPT] = {"class_type": "LoRALabTestTinyFamily", "inputs": {"family": "qwen_image", "seed": 0}}
+        p[CLIP_LOADER] = {"class_type": "LoRALabTestFamilyEncoders", "inputs": {"family": "qwen_image"}}
+        del p[VAE_LOADER]
+        moves = {(VAE_LOADER, 0): [CLIP_LOADER, 1]}
     else:
         assert [p[k]["class_type"] for k in (CKPT, CLIP_LOADER, VAE_LOADER)] == ["UNETLoader", "DualCLIPLoader", "VAELoader"]
         p[CKPT] = {"class_type": "LoRALabTestTinyFlux", "inputs": {"seed": 0}}
@@ -75,10 +83,10 @@ def sweep_cells(srv, entry):
     return [grid[-SIZE:, i * SIZE:(i + 1) * SIZE] for i in range(len(STRENGTHS))]
 
 
-@pytest.fixture(scope="module", params=["sdxl", "flux"])
+@pytest.fixture(scope="module", params=["sdxl", "flux", "qwen_image"])
 def run(request, server):
     family = request.param
-    steps = 2 if family == "sdxl" else 10  # the SDXL UNet is 140 M parameters, the narrow Flux 2 M
+    steps = 2 if family == "sdxl" else 10  # the SDXL UNet is 140 M parameters, the narrow Flux / Qwen-Image ~2 M
     example = training_prompt(small_options(family, steps))
     entry = server.run(with_stand_in_loaders(example, family), timeout=1800)
     return family, steps, example, entry, server
@@ -95,9 +103,9 @@ def test_example_graph_trains_saves_reports_previews_and_sweeps(run):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith("lora_down.weight")}
-    assert meta["ss_base_model_version"].startswith("flux1" if family == "flux" else "sdxl_"), meta["ss_base_model_version"]
+    assert meta["ss_base_model_version"].startswith({"flux": "flux1", "sdxl": "sdxl_", "qwen_image": "qwen_image"}[family]), meta["ss_base_model_version"]
     assert meta["ss_steps"] == str(steps)
-    assert {str(d) for d in dtypes} == {"torch.bfloat16" if family == "flux" else "torch.float16"}  # the family's save_dtype
+    assert {str(d) for d in dtypes} == {"torch.float16" if family == "sdxl" else "torch.bfloat16"}  # the family's save_dtype
     assert entry["outputs"][REPORT_SAVE]["images"]
 
 

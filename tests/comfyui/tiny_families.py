@@ -121,3 +121,34 @@ class FamilyVAE(TinyVAE):
 
     def decode(self, latent):
         return super().decode(latent[:, :, 0] if latent.ndim == 5 else latent)
+
+
+class LoRALabTestTinyFamily:
+    """Test-only node: the tiny seeded MODEL of a family (see FAMILIES)."""
+    CATEGORY = "LoRA Lab tests"
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (list(FAMILIES),), "seed": ("INT", {"default": 0, "min": 0, "max": 2**31})}}
+
+    def load(self, family, seed):
+        return (load_tiny_family(family, seed),)
+
+
+class LoRALabTestFamilyEncoders:
+    """Test-only node: the stand-in CLIP and VAE of a family (see FAMILIES)."""
+    CATEGORY = "LoRA Lab tests"
+    RETURN_TYPES = ("CLIP", "VAE")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (list(FAMILIES),)}}
+
+    def load(self, family):
+        return FamilyTextEncoder(family), FamilyVAE(family)
+
+
+TEST_NODE_CLASS_MAPPINGS = {"LoRALabTestTinyFamily": LoRALabTestTinyFamily, "LoRALabTestFamilyEncoders": LoRALabTestFamilyEncoders}

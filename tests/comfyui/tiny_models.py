@@ -522,12 +522,10 @@ def install_test_nodes(custom_nodes_dir, name="lora_lab_test_nodes"):
     d.mkdir(parents=True, exist_ok=True)
     here = str(Path(__file__).resolve().parent)
     (d / "__init__.py").write_text(
-        "import importlib.util, sys\n"
-        f"_spec = importlib.util.spec_from_file_location('lora_lab_tiny_models', {str(Path(here) / 'tiny_models.py')!r})\n"
-        "_m = importlib.util.module_from_spec(_spec)\n"
-        "sys.modules['lora_lab_tiny_models'] = _m\n"
-        "_spec.loader.exec_module(_m)\n"
-        "NODE_CLASS_MAPPINGS = _m.TEST_NODE_CLASS_MAPPINGS\n",
+        "import sys\n"
+        f"sys.path.append({here!r})  # last: nothing of ComfyUI's is shadowed\n"
+        "import tiny_models as _m, tiny_families as _f\n"
+        "NODE_CLASS_MAPPINGS = {**_m.TEST_NODE_CLASS_MAPPINGS, **_f.TEST_NODE_CLASS_MAPPINGS}\n",
         encoding="utf-8")
     return d
 
