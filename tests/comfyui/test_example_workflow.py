@@ -1,4 +1,4 @@
-"""example_workflows/train_{sd15,sdxl,flux}_lora.json against the node definitions of a real ComfyUI
+"""example_workflows/train_{sd15,sdxl,flux,qwen_image}_lora.json against the node definitions of a real ComfyUI
 (GET /object_info), each against the builder's API graph of that family.
 
 No training: the checks are about the files (tests/comfyui/test_family_examples.py runs the SDXL and
@@ -141,6 +141,14 @@ def test_family_settings_are_in_the_file(family, workflow, object_info):
         assert w["LoRALabDataset"]["resolution"] == 1024
         assert w["EmptyLatentImage"]["width"] == w["EmptyLatentImage"]["height"] == 1024
         assert w["LoRALabPrecision"]["gradient_checkpointing"] is True
+    elif family == "qwen_image":
+        assert w["UNETLoader"] == {"unet_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default"}
+        assert w["CLIPLoader"] == {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image", "device": "default"}
+        assert w["VAELoader"]["vae_name"] == "qwen_image_vae.safetensors"
+        assert w["LoRALabPrecision"]["fp8_base"] is True and w["LoRALabPrecision"]["mixed_precision"] == "bf16"
+        assert w["LoRALabTrain"]["timestep_sampling"] == "shift" and w["LoRALabDataset"]["resolution"] == 1024
+        assert w["LoRALabStrengthSweep"]["cfg"] == 2.5 and "FluxGuidance" not in w
+        assert w["EmptySD3LatentImage"]["width"] == 1024
     else:
         assert w["UNETLoader"] == {"unet_name": "flux1-dev.safetensors", "weight_dtype": "fp8_e4m3fn"}
         assert w["DualCLIPLoader"] == {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
