@@ -31,7 +31,7 @@ for p in (str(REPO), str(TESTS)):
         sys.path.insert(0, p)
 
 from headless.server import ComfyServer, ExecutionFailed, cached_nodes, looks_like_comfyui, status_str  # noqa: E402
-from tiny_models import TINY_CKPT_NAME, make_dataset  # noqa: E402
+from tiny_models import TINY_CKPT_NAME, install_test_nodes, make_dataset  # noqa: E402
 
 RESOLUTION = 64  # the generated images' size; latents are 8x8
 DATASET_SEED = 0
@@ -78,11 +78,14 @@ class Assets:
             self.datasets[n] = folder
         return self.datasets[n]
 
-    def server(self, base: Path, datasets=(8,), fresh=True) -> ComfyServer:
+    def server(self, base: Path, datasets=(8,), fresh=True, test_nodes=False) -> ComfyServer:
         """A (not yet started) server in a base folder: checkpoint linked, datasets copied in.
-        fresh=False keeps what an earlier server left there (its user/ folder: the dataset cache)."""
+        fresh=False keeps what an earlier server left there (its user/ folder: the dataset cache).
+        test_nodes: also the tests' stand-in nodes (the tiny models of other families, see `for_family`)."""
         if fresh and base.exists():
             shutil.rmtree(base)
+        if test_nodes:
+            install_test_nodes(base / "custom_nodes")
         if not (base / "models" / "checkpoints" / TINY_CKPT_NAME).exists():
             link(self.checkpoint, base / "models" / "checkpoints" / TINY_CKPT_NAME)
         for n in datasets:
@@ -211,6 +214,22 @@ def builtin_prompt(d: Defaults, dataset: str, steps: int, overrides=None, save_p
         "4": {"class_type": "TrainLoraNode", "inputs": {**tr, "model": ["1", 0], "latents": ["3", 0], "positive": ["2", 1]}},
         "5": {"class_type": "SaveLoRANode", "inputs": {"lora": ["4", 1], "prefix": f"loras/{save_prefix}", "steps": ["4", 3]}},
     }
+
+
+def for_family(prompt: dict, family: str) -> dict:
+    """A benchmark graph on another family's tiny model: the checkpoint loader (node "1") becomes the
+    tests' tiny seeded model of `family` and its stand-in CLIP / VAE (tests/comfyui/tiny_families.py)."""
+    if family == "sd15":
+        return prompt
+    p = json.loads(json.dumps(prompt))
+    p["1"] = {"class_type": "LoRALabTestTinyFamily", "inputs": {"family": family, "seed": 0}}
+    p["1e"] = {"class_type": "LoRALabTestFamilyEncoders", "inputs": {"family": family}}
+    moves = {("1", 1): ["1e", 0], ("1", 2): ["1e", 1]}
+    for node in p.values():
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and tuple(value) in moves:
+                node["inputs"][name] = moves[tuple(value)]
+    return p
 
 
 def import_comfy_cpu(comfyui: Path):

@@ -21,7 +21,7 @@ from headless.workflow import training_prompt  # noqa: E402
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 REGENERATE = "regenerate them: COMFYUI_PATH=... python -m headless.ui_workflow example_workflows/"
 # Combo inputs that name model files: the test server has other files, so their values are not in the list.
-MODEL_FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name1", "clip_name2", "vae_name"}
+MODEL_FILE_INPUTS = {"ckpt_name", "unet_name", "clip_name", "clip_name1", "clip_name2", "clip_name3", "vae_name"}
 
 
 @pytest.fixture(scope="module")
