@@ -118,6 +118,11 @@ def _sd3_variant(model, config: dict) -> dict:
     return {"metadata": (kind, arch, "diffusers"), "label": "SD3.5" if kind == "5-medium" else "SD3"}
 
 
+def _wan_variant(model, config: dict) -> dict:
+    """Wan 2.2 TI2V 5B (48 latent channels) or Wan 2.1 T2V."""
+    return {"label": "Wan 2.2 5B"} if config.get("out_dim") == 48 else {"label": "Wan 2.1/2.2 T2V"}
+
+
 UNET = ("SpatialTransformer", "SpatialVideoTransformer")
 UNET_CONV = ("ResBlock", "Downsample", "Upsample")
 UNET_BLOCKS = ("input_blocks", "middle_block", "output_blocks")
@@ -180,6 +185,15 @@ PROFILES: tuple[Profile, ...] = (
         workflow=Workflow("qwen_image_fp8_e4m3fn.safetensors", ("txt_norm.weight", "transformer_blocks.0.img_mod.1.weight"), model_loader="UNETLoader",
                           clip_loader="CLIPLoader", clip_type="qwen_image", text_encoders=("text_encoder",), vae_file="qwen_image_vae.safetensors",
                           latent="EmptySD3LatentImage", test_cfg=2.5, test_scheduler="simple")),
+    Profile(
+        # Wan 2.1 T2V (1.3B, 14B; the two Wan 2.2 A14B experts load as this class too) and Wan 2.2
+        # TI2V 5B (WAN22). musubi-tuner adapts every Linear of WanAttentionBlock. Image-to-video and
+        # the Vace / Camera / S2V / Animate variants need their own conditioning: refused.
+        "wan", "Wan", ("WAN21", "WAN22"), ("WanAttentionBlock",), ("blocks",),
+        ("wan", "wan2.1", "https://github.com/Wan-Video/Wan2.1"),
+        reference="musubi-tuner", readers="ComfyUI, musubi-tuner",
+        defaults=FamilyDefaults(resolution=512, timestep_sampling="shift", mixed_precision="bf16", save_dtype="bf16", fp8_base=True),
+        match=lambda c: c.get("model_type", "t2v") == "t2v", subclasses=False, variant=_wan_variant),
 )
 
 # Families that are not image / video diffusion: refused by name, whatever their sampling says.
@@ -187,7 +201,7 @@ NOT_IMAGE = {
     "StableAudio1": "audio", "ACEStep": "audio", "Hunyuan3Dv2": "3D", "Hunyuan3Dv2_1": "3D",
     "SV3D_u": "3D", "SV3D_p": "3D", "Stable_Zero123": "3D",
 }
-# Video models need clips, not images: refused until video training lands.
+# Video models without a profile (and the Wan variants the Wan profile doesn't claim): refused.
 VIDEO = ("WAN21", "HunyuanVideo", "LTXV", "GenmoMochi", "CosmosVideo", "SVD_img2vid")
 
 GENERIC_KEY = "generic"
@@ -220,17 +234,25 @@ def detect(model) -> Profile:
     profile for any other image model. Audio, 3D and video models are refused, naming the model."""
     mro = [c.__name__ for c in type(model).__mro__]
     name = mro[0]
+    config = _config(model)
+    exact = _claimed(model, mro[:1], config)
+    if exact is not None:
+        return exact
     for cls in mro:
         if cls in NOT_IMAGE:
             raise ConfigError("model", f"this MODEL is {name}, a {NOT_IMAGE[cls]} model; LoRA Lab trains image models. Load an image model (SD1.5, SDXL, Flux, Qwen-Image, ...).")
         if cls in VIDEO:
-            raise ConfigError("model", f"this MODEL is {name}, a video model; LoRA Lab trains image models for now. Load an image model (SD1.5, SDXL, Flux, Qwen-Image, ...).")
-    config = _config(model)
-    for depth, cls in enumerate(mro):
+            raise ConfigError("model", f"this MODEL is {name}, a video model LoRA Lab has no profile for (it trains Wan 2.1/2.2 text-to-video and TI2V 5B, "
+                              "not image-to-video or the Vace/Camera/S2V/Animate variants). Load a Wan text-to-video model or an image model.")
+    return _claimed(model, mro[1:], config, subclass=True) or generic_profile(model)
+
+
+def _claimed(model, classes: list[str], config: dict, subclass: bool = False) -> Profile | None:
+    for cls in classes:
         for p in PROFILES:
-            if cls in p.classes and (p.subclasses or depth == 0) and (p.match is None or p.match(config)):
+            if cls in p.classes and (p.subclasses or not subclass) and (p.match is None or p.match(config)):
                 return replace(p, **p.variant(model, config)) if p.variant else p
-    return generic_profile(model)
+    return None
 
 
 def repeated_blocks(root: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList]]:

@@ -7,8 +7,8 @@ Dataset -> Network -> Train (held-out validation image) -> Save LoRA nodes, then
 file with ComfyUI's stock LoraLoaderModelOnly and compares the model ComfyUI patched with our
 training forward (the LoRA's hooks) at strength 1 and 1.5.
 
-Families: SD3.5 (MMDiT), Chroma, SD2.x 768-v, Qwen-Image (profiles) and AuraFlow, Lumina 2 (no
-profile: the generic path). Tolerance of the forward comparison as in test_algorithms: the LoRA is
+Families: SD3.5 (MMDiT), Chroma, SD2.x 768-v, Qwen-Image, Wan 2.1 T2V and Wan 2.2 TI2V 5B (profiles)
+and AuraFlow, Lumina 2 (no profile: the generic path). Tolerance of the forward comparison as in test_algorithms: the LoRA is
 saved in fp32, so only float32 rounding separates the merged weight from the hooks.
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
@@ -31,10 +32,11 @@ for p in (str(HERE), str(REPO_ROOT)):
 
 from tiny_models import DATASET_DIR_NAME, make_dataset  # noqa: E402
 
-PROFILED = ("sd3", "chroma", "sd2v", "qwen_image")
+PROFILED = ("sd3", "chroma", "sd2v", "qwen_image", "wan21", "wan22_5b")
 GENERIC = ("auraflow", "lumina2")
 FAMILIES = PROFILED + GENERIC
-PROFILE_KEY = {"sd3": "sd3", "chroma": "chroma", "sd2v": "sd2", "qwen_image": "qwen_image", "auraflow": "generic", "lumina2": "generic"}
+PROFILE_KEY = {"sd3": "sd3", "chroma": "chroma", "sd2v": "sd2", "qwen_image": "qwen_image", "wan21": "wan", "wan22_5b": "wan",
+               "auraflow": "generic", "lumina2": "generic"}
 PREDICTION = {"sd2v": "v"}  # every other family here is a flow model
 # The others: 10 steps at 3e-3. The tiny SD2 UNet's held-out loss turns back up after step 5 (at
 # 3e-4, 1e-3 and 3e-3 alike: the images of steps 6-10 pull it away), so it trains 5 steps.
@@ -70,10 +72,13 @@ def _reference_names(family: str, diffusion_model, unet_config) -> set[str]:
         "sd3": {"DismantledBlock"},  # sd-scripts lora_sd3: SingleDiTBlock (ComfyUI: DismantledBlock)
         "chroma": {"DoubleStreamBlock", "SingleStreamBlock"},  # sd-scripts lora_flux
         "qwen_image": {"QwenImageTransformerBlock"},  # musubi-tuner lora_qwen_image
+        "wan21": {"WanAttentionBlock"},  # musubi-tuner lora_wan (its exclusions: embeddings, norms, head)
+        "wan22_5b": {"WanAttentionBlock"},
         "auraflow": {"MMDiTBlock", "DiTBlock"},  # the generic path: every repeated block
         "lumina2": {"JointTransformerBlock"},
     }[family]
-    return {"lora_unet_" + p.replace(".", "_") for p in linears_in(classes)}
+    excluded = re.compile(r".*(patch_embedding|text_embedding|time_embedding|time_projection|norm|head).*") if family.startswith("wan") else None
+    return {"lora_unet_" + p.replace(".", "_") for p in linears_in(classes) if excluded is None or not excluded.match(p)}
 
 
 def _objective_check(den, ex, torch):
@@ -215,7 +220,7 @@ def _refusals() -> dict:
     from lora_lab.trainer.profiles import NOT_IMAGE, VIDEO, detect
 
     out = {"missing": [n for n in list(NOT_IMAGE) + list(VIDEO) if not hasattr(mb, n)]}
-    for name in ("ACEStep", "StableAudio1", "Hunyuan3Dv2", "WAN22", "HunyuanVideo"):
+    for name in ("ACEStep", "StableAudio1", "Hunyuan3Dv2", "WAN21_Vace", "WAN22_S2V", "HunyuanVideo"):
         cls = getattr(mb, name)
         try:
             detect(cls.__new__(cls))
@@ -278,14 +283,14 @@ def test_model_patched_by_comfyui_matches_the_training_forward(results, family, 
     assert p["max_diff"] <= TOLERANCE * p["lora_effect"] + 1e-5, p
 
 
-@pytest.mark.parametrize("name, kind", [("ACEStep", "audio"), ("StableAudio1", "audio"), ("Hunyuan3Dv2", "3D"), ("WAN22", "video"), ("HunyuanVideo", "video")])
+@pytest.mark.parametrize("name, kind", [("ACEStep", "audio"), ("StableAudio1", "audio"), ("Hunyuan3Dv2", "3D"), ("WAN21_Vace", "video"), ("WAN22_S2V", "video"), ("HunyuanVideo", "video")])
 def test_audio_3d_and_video_models_are_refused_by_their_comfyui_class(results, name, kind):
     assert results["refused"]["missing"] == []  # every class the refusal lists exists in ComfyUI
     message = results["refused"][name]
     assert message is not None and message.startswith("model: ") and name in message and f"a {kind} model" in message, message
 
 
-@pytest.mark.parametrize("family, version", [("sd3", "5-medium"), ("chroma", "chroma"), ("sd2v", "sd_v2_v"), ("qwen_image", "qwen_image")])
+@pytest.mark.parametrize("family, version", [("sd3", "5-medium"), ("chroma", "chroma"), ("sd2v", "sd_v2_v"), ("qwen_image", "qwen_image"), ("wan21", "wan")])
 def test_metadata_is_what_the_reference_trainer_writes(results, family, version):
     meta = results[family]["metadata"]
     assert meta["ss_base_model_version"] == version, meta

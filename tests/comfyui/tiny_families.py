@@ -38,6 +38,13 @@ FAMILIES = {
                                  "attention_head_dim": 32, "num_attention_heads": 2, "joint_attention_dim": 3584,
                                  "axes_dims_rope": (8, 12, 12)},
                    32, 3584, None, 16, 5, 1.0, 0.0),
+    # Wan: latents [B, C, T, H, W] (images are 1-frame clips); umT5 text width 4096.
+    "wan21": ("WAN21_T2V", {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 16, "dim": 64, "ffn_dim": 128,
+                            "freq_dim": 32, "text_dim": 4096, "out_dim": 16, "num_heads": 2, "num_layers": 2},
+              32, 4096, None, 16, 5, 1.0, 0.0),
+    "wan22_5b": ("WAN22_T2V", {"image_model": "wan2.1", "model_type": "t2v", "patch_size": (1, 2, 2), "in_dim": 48, "dim": 64, "ffn_dim": 128,
+                               "freq_dim": 32, "text_dim": 4096, "out_dim": 48, "num_heads": 2, "num_layers": 2},
+                 32, 4096, None, 48, 5, 1.0, 0.0),
     # No LoRA Lab profile: trained by the generic path.
     "auraflow": ("AuraFlow", {"cond_seq_dim": 2048, "in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 128, "n_layers": 4,
                               "n_double_layers": 2, "n_heads": 2, "global_conddim": 128, "max_seq": 256},
@@ -49,7 +56,7 @@ FAMILIES = {
 }
 
 
-GATES = ("mod.", "modC", "modX", "modF", "adaLN_modulation", "img_mod", "txt_mod")
+GATES = ("mod.", "modC", "modX", "modF", "adaLN_modulation", "img_mod", "txt_mod", "time_projection")
 
 
 def load_tiny_family(family: str, seed: int = 0):

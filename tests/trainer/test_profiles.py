@@ -28,6 +28,7 @@ class ACEStep(BaseModel): pass
 class Hunyuan3Dv2(BaseModel): pass
 class WAN21(BaseModel): pass
 class WAN22(WAN21): pass
+class WAN21_Vace(WAN21): pass
 
 
 class Block(nn.Module):
@@ -64,6 +65,8 @@ class Lumina2(BaseModel):
     (ChromaRadiance(), "chroma"),
     (SD3(), "sd3"),
     (QwenImage(), "qwen_image"),
+    (WAN21(model_type="t2v"), "wan"),
+    (WAN22(model_type="t2v", out_dim=48), "wan"),
 ])
 def test_detect_walks_the_class_hierarchy_most_specific_first(model, key):
     assert detect(model).key == key
@@ -75,7 +78,7 @@ def test_a_bare_base_model_of_another_width_is_generic_not_sd15():
     assert detect(model).generic
 
 
-@pytest.mark.parametrize("model, words", [(ACEStep(), "audio"), (Hunyuan3Dv2(), "3D"), (WAN22(), "video")])
+@pytest.mark.parametrize("model, words", [(ACEStep(), "audio"), (Hunyuan3Dv2(), "3D"), (WAN21(model_type="i2v"), "video"), (WAN21_Vace(model_type="t2v"), "video")])
 def test_audio_3d_and_video_models_are_refused_naming_the_model(model, words):
     with pytest.raises(ConfigError) as e:
         detect(model)
@@ -113,6 +116,11 @@ def test_sd2_metadata_follows_the_prediction_type(sampling, version, arch):
 def test_sd3_metadata_names_the_variant_as_sd_scripts_does(config, version, label):
     profile = detect(SD3(**config))
     assert profile.metadata[0] == version and profile.label == label
+
+
+def test_wan_labels_say_which_wan():
+    assert detect(WAN22(model_type="t2v", out_dim=48)).label == "Wan 2.2 5B"
+    assert detect(WAN21(model_type="t2v", out_dim=16)).label == "Wan 2.1/2.2 T2V"
 
 
 def test_profiles_have_unique_keys():
