@@ -107,7 +107,7 @@ class Session:
         )
         self.examples = [examples[i] for i in train_idx]
         self.val_examples = [examples[i] for i in val_idx]
-        self.val_plan = fixed_validation_plan(len(self.val_examples), train.seed) if self.val_examples else []
+        self.val_plan = fixed_validation_plan(len(self.val_examples), train.seed, self._val_fractions()) if self.val_examples else []
         images = sum(ex.repeats for ex in self.examples)
         if train.batch_size > images:
             raise ConfigError(
@@ -313,6 +313,12 @@ class Session:
             )
 
     # ---- validation --------------------------------------------------------------------------------
+    def _val_fractions(self) -> tuple[float, ...]:
+        """The fixed validation noise levels (0.2, 0.4, 0.6, 0.8), placed inside the trained
+        timestep_range: a Wan 2.2 expert is measured where it denoises."""
+        lo, hi = self.objective.timestep_range
+        return tuple(lo + f * (hi - lo) for f in (0.2, 0.4, 0.6, 0.8))
+
     @torch.no_grad()
     def validation_loss(self, examples: list[Example] | None = None, plan=None) -> float:
         """Mean loss at fixed noise levels and fixed noise, so it is comparable across steps.
@@ -321,7 +327,7 @@ class Session:
         `fixed_validation_plan`) to evaluate anything else the same way.
         """
         examples = self.val_examples if examples is None else examples
-        plan = (self.val_plan if examples is self.val_examples else fixed_validation_plan(len(examples), self.train.seed)) if plan is None else plan
+        plan = (self.val_plan if examples is self.val_examples else fixed_validation_plan(len(examples), self.train.seed, self._val_fractions())) if plan is None else plan
         was_training = self.network.training
         self.network.eval()  # no LoRA dropout while measuring
         try:

@@ -47,6 +47,21 @@ from .spec import TrainingSpec
 FLUX_SHIFT = "flux_shift"
 FLOW_SHIFT = 3.0  # the shift of timestep_sampling "shift" unless the user sets one (Flux-dev style)
 
+# Wan 2.2 A14B is two experts, each its own model file (both load as ComfyUI's WAN21): the high-noise
+# expert denoises timesteps t >= boundary, the low-noise one t < boundary (t = sigma in 0..1). The
+# boundaries are Wan2.2's own configs (t2v_A14B 0.875, i2v_A14B 0.900), as musubi-tuner uses them.
+EXPERTS = ("none", "high_noise", "low_noise")
+EXPERT_BOUNDARY = 0.875
+
+
+def expert_range(expert: str = "none", boundary: float = EXPERT_BOUNDARY) -> tuple[float, float]:
+    """The share of the noise range a model trains on: all of it, or one expert's side of `boundary`."""
+    if expert not in EXPERTS:
+        raise ConfigError("expert", f"expected one of {', '.join(EXPERTS)}, got {expert!r}.")
+    if not 0.0 < boundary < 1.0:
+        raise ConfigError("expert_boundary", f"must be between 0 and 1 (Wan 2.2 A14B: 0.875 text-to-video, 0.9 image-to-video), got {boundary!r}.")
+    return {"none": (0.0, 1.0), "high_noise": (boundary, 1.0), "low_noise": (0.0, boundary)}[expert]
+
 
 def _image_tokens(examples: list[Example]) -> int:
     """Flux image tokens (2x2 latent patches) of the dataset's most common bucket."""
@@ -58,11 +73,13 @@ def _image_tokens(examples: list[Example]) -> int:
     return max(counts, key=lambda t: (counts[t], t))
 
 
-def resolve_objective(prediction: str, examples: list[Example], timestep_sampling: str = "uniform", flow_shift: float = FLOW_SHIFT, **objective) -> tuple[ObjectiveConfig, str | None]:
+def resolve_objective(prediction: str, examples: list[Example], timestep_sampling: str = "uniform", flow_shift: float = FLOW_SHIFT,
+                      expert: str = "none", expert_boundary: float = EXPERT_BOUNDARY, **objective) -> tuple[ObjectiveConfig, str | None]:
     """The objective for this model and dataset; 'flux_shift' becomes 'shift' at the value Flux
-    uses for the dataset's resolution. Settings that don't apply to the model are refused here,
-    before anything is loaded, naming the input."""
+    uses for the dataset's resolution; an `expert` trains on its side of the boundary only.
+    Settings that don't apply to the model are refused here, before anything is loaded, naming the input."""
     note, shift = None, flow_shift
+    objective["timestep_range"] = expert_range(expert, expert_boundary)
     if timestep_sampling == FLUX_SHIFT:
         if prediction != "flow":
             raise ConfigError("timestep_sampling", "flux_shift is for flow models such as Flux; use uniform for SD1.5 and SDXL.")

@@ -82,3 +82,32 @@ def test_resolve_objective_flux_shift_only_for_flow_models():
     with pytest.raises(ConfigError) as e:
         recipe.resolve_objective("flow", lat, "uniform", min_snr_gamma=5.0)
     assert e.value.field == "min_snr_gamma"
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "logit_normal", "sigmoid", "shift"])
+@pytest.mark.parametrize("expert, inside", [("high_noise", lambda u: (u >= 0.875).all()), ("low_noise", lambda u: (u < 0.875).all())])
+def test_wan_expert_draws_only_its_side_of_the_boundary(sampling, expert, inside):
+    from trainer.objective import sample_u
+
+    config, _ = recipe.resolve_objective("flow", [], sampling, 3.0, expert=expert)
+    u = sample_u(config, 4096, torch.Generator().manual_seed(0), "cpu")
+    assert inside(u), (u.min(), u.max())
+    assert float(u.max() - u.min()) > 0.5 * (0.125 if expert == "high_noise" else 0.875)  # the whole side, not a point
+
+
+def test_expert_none_is_the_whole_range_and_bad_values_name_the_input():
+    assert recipe.expert_range() == (0.0, 1.0)
+    assert recipe.expert_range("low_noise", 0.9) == (0.0, 0.9)
+    with pytest.raises(ConfigError, match="expected one of none, high_noise, low_noise") as e:
+        recipe.expert_range("mid")
+    assert e.value.field == "expert"
+    with pytest.raises(ConfigError) as e:
+        recipe.expert_range("high_noise", 1.0)
+    assert e.value.field == "expert_boundary"
+
+
+def test_an_expert_is_validated_at_noise_levels_inside_its_range():
+    objective, _ = recipe.resolve_objective("flow", [], "uniform", expert="high_noise", expert_boundary=0.8)
+    s = session(spec(objective=objective, train=TrainConfig(steps=4, seed=3, validation_split=0.25)))
+    levels = sorted({u for _, u, _ in s.val_plan})
+    assert levels == pytest.approx([0.84, 0.88, 0.92, 0.96])
