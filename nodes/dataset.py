@@ -12,6 +12,7 @@ import comfy.utils
 import folder_paths
 
 from ..trainer.cache import cache_key, load_entry, pack_conditioning, save_entry, unpack_conditioning
+from ..trainer.clips import MAX_CLIP_FRAMES
 from ..trainer.data import EncodedDataset, Example
 from ..trainer.dataset import DatasetConfig, build_items, scan_folder
 from ..trainer.images import skipped_summary
@@ -125,22 +126,26 @@ class LoRALabDataset:
                 "color_jitter": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.3, "step": 0.01, "tooltip": "Random brightness/contrast/saturation change (needs variants >= 2)."}),
                 "variants": ("INT", {"default": 1, "min": 1, "max": 16, "tooltip": "Augmented copies encoded per image (each costs one VAE encode, once). 1 = no augmentation."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the augmentations."}),
+                "frames": ("INT", {"default": 1, "min": 1, "max": MAX_CLIP_FRAMES, "step": 4, "tooltip": "Video models (Wan): > 1 trains videos (mp4, webm, mov, animated gif/webp) as clips of this many frames, 4k+1 (e.g. 17, 33, 81); images in the folder train as 1-frame clips. Use the model's own VAE (Wan VAE). 1 = images only."}),
+                "fps": ("FLOAT", {"default": 16.0, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip": "Frame rate clips are read at (Wan: 16). A clip must last frames/fps seconds; shorter ones are skipped and named."}),
             },
         }
 
     @staticmethod
-    def _config(resolution, bucket, repeats, trigger_word, shuffle_captions=False, keep_tokens=1, caption_dropout=0.0, flip=False, random_crop=False, rotation_degrees=0.0, color_jitter=0.0, variants=1, seed=0) -> DatasetConfig:
+    def _config(resolution, bucket, repeats, trigger_word, shuffle_captions=False, keep_tokens=1, caption_dropout=0.0, flip=False, random_crop=False, rotation_degrees=0.0, color_jitter=0.0, variants=1, seed=0, frames=1, fps=16.0) -> DatasetConfig:
         return DatasetConfig(
             resolution=resolution, bucket=bucket, default_repeats=repeats, trigger_word=trigger_word,
             shuffle_captions=shuffle_captions, keep_tokens=keep_tokens if shuffle_captions else 0, caption_dropout=caption_dropout,
             flip=flip, random_crop=random_crop, rotation_degrees=rotation_degrees, color_jitter=color_jitter, variants=variants, seed=seed,
+            frames=frames, fps=fps,
         )
 
     @classmethod
-    def VALIDATE_INPUTS(cls, folder):
-        # Only `folder` is named: ComfyUI attributes the message to every input named here, and
-        # still range-checks the others itself. Cross-field settings are checked when it runs.
-        return validation_message(lambda: scan_folder(resolve_folder(folder)), folder)
+    def VALIDATE_INPUTS(cls, folder, frames=1):
+        # Only `folder` (and `frames`, which decides whether videos count) are named: ComfyUI
+        # attributes the message to every input named here, and still range-checks the others
+        # itself. Cross-field settings are checked when it runs.
+        return validation_message(lambda: scan_folder(resolve_folder(folder), videos=frames > 1), folder)
 
     @classmethod
     def IS_CHANGED(cls, folder, **kw):
@@ -153,7 +158,7 @@ class LoRALabDataset:
     def load(self, folder, vae, clip, resolution, bucket, repeats, trigger_word, **options):
         config = self._config(resolution, bucket, repeats, trigger_word, **options)
         skipped: list[str] = []
-        entries = scan_folder(resolve_folder(folder), config.caption_extension, skipped)
+        entries = scan_folder(resolve_folder(folder), config.caption_extension, skipped, videos=config.frames > 1)
         cache_dir = os.path.join(folder_paths.get_user_directory(), CACHE_DIR_NAME)
         encoders = f"{encoder_fingerprint(vae, 'first_stage_model')}:{encoder_fingerprint(clip, 'cond_stage_model')}"
         text_cache: dict[str, tuple] = {}
@@ -174,7 +179,7 @@ class LoRALabDataset:
                                              "training goes on, but the images are encoded again on every run. Fix or remove that path.")
             else:
                 hits += 1
-            original = original_size(entry.path)
+            original = item.size if item.images[0].ndim == 4 else original_size(entry.path)  # a clip: its frames' bucket
             sizes = [size_conditioning(original, item.size, _crop_position(config, entry.path, v)) for v in range(len(item.images))]
             examples.append(self._example(item, tensors, sizes))
             pbar.update(1)  # Cancel stops here, after this image: what is encoded stays in the cache
@@ -191,7 +196,8 @@ class LoRALabDataset:
     def _encode(item, vae, clip, text_cache) -> dict[str, torch.Tensor]:
         tensors = {}
         for v, (image, caption) in enumerate(zip(item.images, item.captions)):
-            tensors[f"latent.{v}"] = vae.encode(image[None])[0].float().cpu()
+            # An image is a batch of one; a clip [frames, h, w, 3] is what a video VAE takes as one video.
+            tensors[f"latent.{v}"] = vae.encode(image if image.ndim == 4 else image[None])[0].float().cpu()
             if caption not in text_cache:
                 text_cache[caption] = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
             tensors.update(pack_conditioning(text_cache[caption], v))

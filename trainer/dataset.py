@@ -41,6 +41,9 @@ PreparedItem(name, repeats, size, images, captions, content_hash)
     (seed, file contents, variant): renaming or reordering files changes nothing.
     content_hash: sha256 of the file bytes, every caption variant and the settings that change the
     pixels; the cache key for latents and conditioning (repeats and file names are not in it).
+Clips (frames > 1, Wan): videos and animated images are read as `frames` frames at `fps`
+    (trainer/clips.py), every frame sized and augmented alike; images in the same folder train as
+    1-frame clips. A clip too short, or not decodable, is skipped and named in the warnings.
 DatasetStats(count, total_with_repeats, buckets, warnings); `.to_text()` is a short summary for the
     node UI. Warnings (one line per kind, naming the files): tiny images, images upscaled > 2x,
     identical files, missing or empty captions, caption files without an image, non-UTF-8 captions,
@@ -62,6 +65,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .clips import MAX_CLIP_FRAMES, ClipProblem, is_clip, read_frames
 from .errors import ConfigError
 from .images import IMAGE_EXTENSIONS, MAX_IMAGE_PIXELS, ImageEntry, _decode, _hidden, load_image, read_caption, scan_folder  # noqa: F401 (re-exported)
 
@@ -122,6 +126,8 @@ class DatasetConfig:
     color_jitter: float = 0.0
     variants: int = 1
     seed: int = 0
+    frames: int = 1  # > 1: videos (and animated images) train as clips of this many frames (4k+1, Wan)
+    fps: float = 16.0  # the rate clip frames are taken at (Wan: 16)
 
     def __post_init__(self):
         _check_range("resolution", self.resolution, 64, 4096, "training size in pixels, e.g. 512 or 1024", True)
@@ -147,6 +153,11 @@ class DatasetConfig:
         _check_range("variants", self.variants, 1, _MAX_VARIANTS, "precomputed versions of each image", True)
         if not _is_int(self.seed):
             raise ConfigError("seed", f"expected a whole number, got {self.seed!r}.")
+        _check_range("frames", self.frames, 1, MAX_CLIP_FRAMES, "frames per clip (1: images only)", True)
+        if (self.frames - 1) % 4:
+            near = 1 + round((self.frames - 1) / 4) * 4
+            raise ConfigError("frames", f"Wan's VAE needs 4k+1 frames per clip (1, 5, 9, ... 81), got {self.frames}; the nearest is {near}.")
+        _check_range("fps", self.fps, 1.0, 120.0, "frames per second clips are read at (16 for Wan)")
         augmentations = self.augmentations()
         if augmentations and self.variants < 2:
             raise ConfigError(
@@ -369,7 +380,7 @@ class PreparedItem:
     name: str
     repeats: int
     size: tuple[int, int]  # (w, h)
-    images: list[torch.Tensor]  # per variant, [h, w, 3] float32 in [0, 1]
+    images: list[torch.Tensor]  # per variant, [h, w, 3] float32 in [0, 1]; a clip [frames, h, w, 3]
     captions: list[str]  # per variant
     content_hash: str
 
@@ -380,11 +391,13 @@ class DatasetStats:
     total_with_repeats: int
     buckets: dict[str, int]
     warnings: list[str]
+    clips: int = 0  # of `count`, the video clips
 
     def to_text(self) -> str:
         buckets = ", ".join(f"{k} x{n}" for k, n in sorted(self.buckets.items(), key=lambda kv: -kv[1]))
+        clips = f"{self.clips} clips, " if self.clips else ""
         lines = [
-            f"{self.count} images, {self.total_with_repeats} with repeats",
+            f"{self.count - self.clips} images, {clips}{self.total_with_repeats} with repeats",
             f"{len(self.buckets)} bucket(s): {buckets}",
         ]
         lines += [f"warning: {w}" for w in self.warnings]
@@ -403,6 +416,8 @@ def _variant_rng(seed: int, file_hash: str, variant: int) -> random.Random:
 
 def _content_hash(file_hash: str, captions: list[str], size: tuple[int, int], config: DatasetConfig) -> str:
     pixels = {"version": _PREPROCESS_VERSION, "resolution": config.resolution, "size": list(size)}
+    if config.frames > 1:  # clips are read at this length and rate (images are unaffected, but cheap to re-key)
+        pixels.update(frames=config.frames, fps=config.fps)
     if config.variants > 1:  # with one variant nothing is random, so these cannot change the tensors
         pixels.update(
             variants=config.variants, seed=config.seed, flip=config.flip, random_crop=config.random_crop,
@@ -428,14 +443,19 @@ def _prepare_one(entry: ImageEntry, config: DatasetConfig, caption_warnings: lis
     with open(entry.path, "rb") as f:
         data = f.read()
     file_hash = hashlib.sha256(data).hexdigest()
-    img = _decode(data, entry.path, animated)
+    clip = read_frames(data, entry.path, config.frames, config.fps) if config.frames > 1 and is_clip(entry.path, data) else None
+    img = clip[0] if clip else _decode(data, entry.path, animated)
     size = bucket_size(img.width, img.height, config)
     caption = read_caption(entry.caption_path, caption_warnings)
     images, captions = [], []
     for v in range(config.variants):
         rng = None if v == 0 else _variant_rng(config.seed, file_hash, v)
         flip = config.flip and v % 2 == 1
-        images.append(prepare_image(img, size, config, rng, flip=flip))
+        if clip:  # every frame with the same draws (a fresh generator per frame): one crop, one tilt
+            fresh = (lambda: None) if v == 0 else (lambda: _variant_rng(config.seed, file_hash, v))
+            images.append(torch.stack([prepare_image(f, size, config, fresh(), flip=flip) for f in clip]))
+        else:
+            images.append(prepare_image(img, size, config, rng, flip=flip))
         captions.append(caption_variant(caption, config, rng))
     item = PreparedItem(
         name=entry.name,
@@ -457,9 +477,13 @@ def build_items(entries: list[ImageEntry], config: DatasetConfig, each=None) -> 
     items: list[PreparedItem] = []
     caption_warnings: list[str] = []
     seen: dict[str, str] = {}
-    duplicates, tiny, upscaled, uncaptioned, animated = [], [], [], [], []
+    duplicates, tiny, upscaled, uncaptioned, animated, unusable = [], [], [], [], [], {"short": [], "broken": []}
     for entry in entries:
-        item, file_hash, (w, h), caption = _prepare_one(entry, config, caption_warnings, animated)
+        try:
+            item, file_hash, (w, h), caption = _prepare_one(entry, config, caption_warnings, animated)
+        except ClipProblem as e:  # skipped, named in the warnings; the other files still train
+            unusable[e.kind].append(f"{entry.name} ({e.reason})")
+            continue
         items.append(item)
         if each is not None:
             each(entry, item)
@@ -473,7 +497,16 @@ def build_items(entries: list[ImageEntry], config: DatasetConfig, each=None) -> 
         if not caption:
             uncaptioned.append(entry.name)
 
+    if not items:
+        problems = "; ".join(unusable["short"] + unusable["broken"])
+        raise ConfigError("folder", f"no file could be trained: {problems}. Lower frames or fps, or add images.")
     warnings: list[str] = []
+    if unusable["short"]:
+        warnings.append(f"{len(unusable['short'])} clip(s) are shorter than {config.frames} frames at {config.fps:g} fps and are skipped: "
+                        f"{_names(unusable['short'])}. Lower frames or fps, or use longer clips.")
+    if unusable["broken"]:
+        warnings.append(f"{len(unusable['broken'])} video(s) could not be decoded and are skipped: {_names(unusable['broken'])}. "
+                        "Re-export them (e.g. H.264 MP4) or remove them.")
     if tiny:
         warnings.append(f"{len(tiny)} image(s) smaller than {TINY_SIDE} px on a side will look blurry to the "
                         f"model: {_names(tiny)}. Use larger originals if you have them.")
@@ -498,12 +531,13 @@ def build_items(entries: list[ImageEntry], config: DatasetConfig, each=None) -> 
 
     buckets: dict[str, int] = {}
     for item in items:
-        key = f"{item.size[0]}x{item.size[1]}"
+        key = f"{item.size[0]}x{item.size[1]}" + (f"x{item.images[0].shape[0]}f" if item.images[0].ndim == 4 else "")
         buckets[key] = buckets.get(key, 0) + 1
     stats = DatasetStats(
         count=len(items),
         total_with_repeats=sum(i.repeats for i in items),
         buckets=buckets,
         warnings=warnings,
+        clips=sum(1 for i in items if i.images[0].ndim == 4),
     )
     return items, stats

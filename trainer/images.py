@@ -97,13 +97,16 @@ def _readable_extensions() -> tuple[str, ...]:
     return IMAGE_EXTENSIONS + tuple(e for e in OPTIONAL_EXTENSIONS if e in Image.registered_extensions())
 
 
-def scan_folder(folder: str, caption_extension: str = ".txt", skipped: list[str] | None = None) -> list[ImageEntry]:
+def scan_folder(folder: str, caption_extension: str = ".txt", skipped: list[str] | None = None, videos: bool = False) -> list[ImageEntry]:
     """Training images under `folder` (recursively, linked sub-folders followed once), with their
-    caption file and kohya repeats. Every other file that is not a caption is appended to
-    `skipped` as "path (why)"; hidden files are left out silently."""
+    caption file and kohya repeats; with `videos`, video files too (clips, trainer/clips.py). Every
+    other file that is not a caption is appended to `skipped` as "path (why)"; hidden files are
+    left out silently."""
+    from .clips import VIDEO_EXTENSIONS
+
     root = _resolve_folder(folder)
     ext = caption_extension.lower()
-    readable = _readable_extensions()
+    readable = _readable_extensions() + (VIDEO_EXTENSIONS if videos else ())
     entries: list[ImageEntry] = []
     skipped = [] if skipped is None else skipped
     visited: set[str] = set()
@@ -133,7 +136,9 @@ def scan_folder(folder: str, caption_extension: str = ".txt", skipped: list[str]
                 continue
             if suffix.lower() not in readable:
                 why = (f"{suffix.lower()[1:].upper()}: this Pillow cannot read it; pip install pillow-avif-plugin, or convert it to PNG"
-                       if suffix.lower() in OPTIONAL_EXTENSIONS else "not an image type LoRA Lab reads")
+                       if suffix.lower() in OPTIONAL_EXTENSIONS else
+                       "a video: set the Dataset node's frames above 1 to train clips (video models such as Wan)"
+                       if suffix.lower() in VIDEO_EXTENSIONS else "not an image type LoRA Lab reads")
                 skipped.append(f"{path} ({why})")
                 continue
             caption = captions.get((stem + ext).lower())

@@ -159,3 +159,19 @@ class LoRALabTestFamilyEncoders:
 
 
 TEST_NODE_CLASS_MAPPINGS = {"LoRALabTestTinyFamily": LoRALabTestTinyFamily, "LoRALabTestFamilyEncoders": LoRALabTestFamilyEncoders}
+
+
+def wan_vae(seed: int = 0):
+    """ComfyUI's own Wan 2.1 VAE (comfy.sd.VAE detects it from the weights: the real 96-wide config,
+    4x temporal and 8x spatial compression), with seeded random weights."""
+    import comfy.ldm.wan.vae
+    import comfy.sd
+
+    with torch.device("meta"):
+        shapes = comfy.ldm.wan.vae.WanVAE(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                                          temperal_downsample=[False, True, True], dropout=0.0)
+    sd = _seeded_state_dict(shapes, seed)
+    for k in sd:
+        if k.endswith(".gamma"):  # RMS norm scales
+            sd[k] = torch.ones_like(sd[k])
+    return comfy.sd.VAE(sd=sd)

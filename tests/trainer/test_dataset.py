@@ -95,7 +95,7 @@ def test_kohya_repeats_sorted_order_and_extension_filter(tmp_path):
     skipped = []
     entries = scan_folder(str(tmp_path), skipped=skipped)
     assert skipped == [f"{tmp_path / 'notes.md'} (not an image type LoRA Lab reads)",
-                       f"{tmp_path / '10_cat' / 'clip.mp4'} (not an image type LoRA Lab reads)"]
+                       f"{tmp_path / '10_cat' / 'clip.mp4'} (a video: set the Dataset node's frames above 1 to train clips (video models such as Wan))"]
     assert [e.name for e in entries] == ["10_cat/a.JPG", "10_cat/b.png", "3_dog/deep/c.webp", "misc/d.jpeg", "plain.bmp"]
     assert [e.repeats for e in entries] == [10, 10, 3, None, None]
     assert entries[1].caption_path == str(tmp_path / "10_cat" / "b.txt")
