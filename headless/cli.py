@@ -26,15 +26,17 @@ from trainer.profiles import detect_file, profile_for
 
 HELP = {
     "checkpoint": "the model file (path) or a name in your ComfyUI's models/checkpoints (SD1.5, SD2, SDXL, SD3.5) "
-                  "or models/diffusion_models (Flux, Chroma, Qwen-Image)",
+                  "or models/diffusion_models (Flux, Chroma, Qwen-Image, Wan)",
     "dataset": "folder of images with .txt captions (kohya 10_name sub-folders for repeats)",
     "family": f"the base model: {', '.join(FAMILIES)} (default: read from the model file)",
     "mixed_precision": "auto, bf16, fp16 or fp32 (default auto: bf16 on recent GPUs, fp16 on older ones, fp32 on CPU; flow models: bf16)",
     "clip_l": "flux, sd3: CLIP-L file (path) or a name in models/text_encoders (default clip_l.safetensors)",
     "clip_g": "sd3: CLIP-G file (path) or a name in models/text_encoders (default clip_g.safetensors)",
     "t5xxl": "flux, chroma, sd3: T5-XXL file (path) or a name in models/text_encoders (default t5xxl_fp16.safetensors)",
-    "text_encoder": "qwen_image: Qwen2.5-VL file (path) or a name in models/text_encoders (default qwen_2.5_vl_7b_fp8_scaled.safetensors)",
-    "vae": "flux, chroma: ae.safetensors; qwen_image: qwen_image_vae.safetensors (path or a name in models/vae)",
+    "text_encoder": "qwen_image: Qwen2.5-VL (default qwen_2.5_vl_7b_fp8_scaled.safetensors); wan: umT5 (default umt5_xxl_fp8_e4m3fn_scaled.safetensors); a path or a name in models/text_encoders",
+    "frames": "wan: frames per training clip and test clip, 4k+1 (default 17); videos in --dataset train as clips",
+    "fps": "wan: the rate clips are read at (default 16)",
+    "vae": "flux, chroma: ae.safetensors; qwen_image: qwen_image_vae.safetensors; wan: wan_2.1_vae.safetensors (path or a name in models/vae)",
     "weight_dtype": "UNETLoader families: weight_dtype, default fp8_e4m3fn for flux/chroma (held in fp8 from the start), default otherwise",
     "guidance": "flux: the guidance Flux-dev is conditioned on while training (default 1.0)",
     "test_guidance": "flux: FluxGuidance of the test prompt and sweep (default 3.5)",

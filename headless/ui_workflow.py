@@ -63,6 +63,7 @@ EXAMPLES = {
     "sdxl": ("train_sdxl_lora", TrainingOptions(family="sdxl", checkpoint="sd_xl_base_1.0.safetensors", **_EXAMPLE_COMMON)),
     "flux": ("train_flux_lora", TrainingOptions(family="flux", checkpoint="flux1-dev.safetensors", **_EXAMPLE_COMMON)),
     "qwen_image": ("train_qwen_image_lora", TrainingOptions(family="qwen_image", checkpoint="qwen_image_fp8_e4m3fn.safetensors", **_EXAMPLE_COMMON)),
+    "wan": ("train_wan_video_lora", TrainingOptions(family="wan", checkpoint="wan2.1_t2v_1.3B_fp16.safetensors", **_EXAMPLE_COMMON)),
 }
 EXAMPLE_OPTIONS = EXAMPLES["sd15"][1]
 
@@ -357,6 +358,8 @@ THUMBNAILS = {
              ("Prompt", "Guidance", "SD3 latent")),
     "qwen_image": ("LoRA Lab: train a Qwen-Image LoRA", "Training (1024 px, fp8 base)", ("Qwen UNet", "Qwen2.5-VL", "VAE"),
                    ("Prompts", "SD3 latent")),
+    "wan": ("LoRA Lab: train a Wan video LoRA", "Training (clips + images, fp8 base)", ("Wan UNet", "umT5", "Wan VAE"),
+            ("Prompts", "Video latent")),
 }
 
 

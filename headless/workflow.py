@@ -43,7 +43,8 @@ def _defaults(p: Profile) -> dict:
     return {"resolution": d.resolution, "test_size": d.resolution, "test_steps": w.test_steps, "test_cfg": w.test_cfg,
             "test_scheduler": w.test_scheduler, "save_dtype": d.save_dtype, "fp8_base": d.fp8_base,
             "timestep_sampling": d.timestep_sampling, "mixed_precision": d.mixed_precision,
-            "vae": w.vae_file or None, "weight_dtype": w.weight_dtype}
+            "vae": w.vae_file or None, "weight_dtype": w.weight_dtype, "text_encoder": w.text_encoder_file or None,
+            "frames": w.frames}
 
 
 # What "None" means per family, from the profiles.
@@ -63,6 +64,7 @@ FIXED_INPUTS = {
     "LoRALabPreview": {"sampler_name": "euler"},
     "EmptyLatentImage": {"batch_size": 1},
     "EmptySD3LatentImage": {"batch_size": 1},
+    "EmptyHunyuanLatentVideo": {"batch_size": 1},
     "DualCLIPLoader": {"device": "default"},
     "CLIPLoader": {"device": "default"},
 }
@@ -105,11 +107,13 @@ class TrainingOptions:
     clip_l: str = "clip_l.safetensors"
     clip_g: str = "clip_g.safetensors"
     t5xxl: str = "t5xxl_fp16.safetensors"  # t5xxl_fp8_e4m3fn.safetensors needs less memory
-    text_encoder: str = "qwen_2.5_vl_7b_fp8_scaled.safetensors"  # Qwen-Image's Qwen2.5-VL
+    text_encoder: str | None = None  # single-encoder families: Qwen-Image's Qwen2.5-VL, Wan's umT5
     vae: str | None = None  # models/vae, for families whose VAE is its own file (Flux, Chroma: ae.safetensors)
     weight_dtype: str | None = None  # UNETLoader: fp8_e4m3fn holds the diffusion model in fp8 from the start
     guidance: float = 1.0  # families conditioned on guidance (Flux-dev): the value while training
     test_guidance: float = 3.5  # FluxGuidance of the test prompt
+    frames: int | None = None  # video families (Wan): frames per clip, training and test (4k+1)
+    fps: float = 16.0  # video families: the rate clips are read at
 
     @property
     def profile(self) -> Profile:
@@ -165,7 +169,7 @@ def _training(o: TrainingOptions, src: dict) -> dict:
         train.update(guidance=o.guidance)
     return {
         DATASET: node("LoRALabDataset", folder=o.dataset, vae=src["vae"], clip=src["clip"], resolution=o.resolution,
-                      repeats=o.repeats, trigger_word=o.trigger_word),
+                      repeats=o.repeats, trigger_word=o.trigger_word, **({"frames": o.frames, "fps": o.fps} if o.frames > 1 else {})),
         NETWORK: node("LoRALabNetwork", rank=o.rank, alpha=o.alpha),
         OPTIMIZER: node("LoRALabOptimizer", optimizer=o.optimizer, unet_lr=o.unet_lr, scheduler=o.scheduler,
                         warmup_ratio=o.warmup_ratio),
@@ -190,7 +194,7 @@ def _test(o: TrainingOptions, src: dict) -> dict:
         nodes[NEG] = node("CLIPTextEncode", text=NEGATIVE_PROMPT, clip=src["clip"])
     else:
         nodes[NEG] = node("ConditioningZeroOut", conditioning=[POS, 0])  # ignored at cfg 1.0
-    nodes[LATENT] = node(w.latent, width=o.test_size, height=o.test_size)
+    nodes[LATENT] = node(w.latent, width=o.test_size, height=o.test_size, **({"length": o.frames} if o.frames > 1 else {}))
     nodes[SWEEP] = node("LoRALabStrengthSweep", model=src["model"], lora=[TRAIN, 1], positive=positive,
                         negative=[NEG, 0], vae=src["vae"], latent=[LATENT, 0], strengths=o.strengths, seed=o.seed,
                         steps=o.test_steps, cfg=o.test_cfg, scheduler=o.test_scheduler)

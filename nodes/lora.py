@@ -128,7 +128,9 @@ class LoRALabApplyLoRA:
 
 
 class LoRALabStrengthSweep:
-    DESCRIPTION = "One labelled grid of the same prompt and seed at several LoRA strengths, e.g. 0, 0.5, 1.0, 1.5, 1.8."
+    DESCRIPTION = ("One labelled grid of the same prompt and seed at several LoRA strengths, e.g. 0, 0.5, 1.0, 1.5, 1.8. "
+                   "With a video model (an empty video latent) each cell shows the clip's first, middle and last frame; "
+                   "the images output holds every frame, strength after strength.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "IMAGE")
     RETURN_NAMES = ("grid", "images")
@@ -178,10 +180,10 @@ class LoRALabStrengthSweep:
             if clip is not None:
                 positive, negative = (patched_clip.encode_from_tokens_scheduled(patched_clip.tokenize(t)) for t in (prompt, negative_prompt))
             samples = comfy.sample.sample(patched, noise, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, seed=seed, disable_pbar=True)
-            images.append(vae.decode(samples)[:1])
-        batch = torch.cat(images)
-        label = "strength {:g}" if batch.shape[2] >= 160 else "{:g}"
-        grid = torch.cat([self._labelled(img, label.format(s)) for img, s in zip(batch, values)], dim=1)
+            images.append(first_sample(vae.decode(samples)))
+        batch = torch.cat(images)  # one image per strength; a video model's: its frames, strength after strength
+        label = "strength {:g}" if images[0].shape[2] >= 160 else "{:g}"
+        grid = torch.cat([self._labelled(key_frames(frames), label.format(s)) for frames, s in zip(images, values)], dim=1)
         return {"ui": {"text": [warning]}, "result": (grid[None], batch)} if warning else (grid[None], batch)
 
     @staticmethod
@@ -216,6 +218,20 @@ class LoRALabSaveLoRA:
     def save(self, lora, filename, overwrite):
         path = save_into_loras(filename, lora.weights, lora.metadata, lora.save_dtype, field="filename", overwrite=overwrite)
         return {"ui": {"text": [str(path)]}, "result": (str(path),)}
+
+
+def first_sample(decoded: torch.Tensor) -> torch.Tensor:
+    """The frames of the first sample a VAE decoded: [1, H, W, 3] for an image, [T, H, W, 3] for a
+    video VAE's clip ([B, T, H, W, 3])."""
+    return decoded[0] if decoded.ndim == 5 else decoded[:1]
+
+
+def key_frames(frames: torch.Tensor) -> torch.Tensor:
+    """A sweep cell: the image itself, or a clip's first, middle and last frame stacked top to bottom."""
+    if frames.shape[0] == 1:
+        return frames[0]
+    picks = sorted({0, frames.shape[0] // 2, frames.shape[0] - 1})
+    return torch.cat([frames[i] for i in picks], dim=0)
 
 
 def _label_strip(text: str, width: int, height: int = 28) -> np.ndarray:

@@ -68,6 +68,8 @@ def render_preview(settings: PreviewSettings, model, network) -> torch.Tensor:
                 settings.positive, settings.negative, latent, seed=settings.seed, disable_pbar=True,
             )
             image = settings.vae.decode(samples)[0]
+            if image.ndim == 4:  # a video model's clip [T, H, W, 3]: its middle frame
+                image = image[image.shape[0] // 2]
     finally:
         network.train(was_training)
     return image.float().cpu()

@@ -74,6 +74,8 @@ class Workflow:
     test_cfg: float = 7.0
     test_scheduler: str = "normal"
     negative: bool = True  # False: sampled at cfg 1 with a zeroed negative (Flux-dev)
+    text_encoder_file: str = ""  # the default file of the "text_encoder" option (a single-encoder family)
+    frames: int = 1  # video families: frames per training clip (the Dataset node) and per test clip
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,8 @@ PROFILES: tuple[Profile, ...] = (
         defaults=FamilyDefaults(timestep_sampling="shift", mixed_precision="bf16", save_dtype="bf16", fp8_base=True),
         workflow=Workflow("qwen_image_fp8_e4m3fn.safetensors", ("txt_norm.weight", "transformer_blocks.0.img_mod.1.weight"), model_loader="UNETLoader",
                           clip_loader="CLIPLoader", clip_type="qwen_image", text_encoders=("text_encoder",), vae_file="qwen_image_vae.safetensors",
-                          latent="EmptySD3LatentImage", test_cfg=2.5, test_scheduler="simple")),
+                          latent="EmptySD3LatentImage", test_cfg=2.5, test_scheduler="simple",
+                          text_encoder_file="qwen_2.5_vl_7b_fp8_scaled.safetensors")),
     Profile(
         # Wan 2.1 T2V (1.3B, 14B; the two Wan 2.2 A14B experts load as this class too) and Wan 2.2
         # TI2V 5B (WAN22). musubi-tuner adapts every Linear of WanAttentionBlock. Image-to-video and
@@ -193,7 +196,11 @@ PROFILES: tuple[Profile, ...] = (
         ("wan", "wan2.1", "https://github.com/Wan-Video/Wan2.1"),
         reference="musubi-tuner", readers="ComfyUI, musubi-tuner",
         defaults=FamilyDefaults(resolution=512, timestep_sampling="shift", mixed_precision="bf16", save_dtype="bf16", fp8_base=True),
-        match=lambda c: c.get("model_type", "t2v") == "t2v", subclasses=False, variant=_wan_variant),
+        match=lambda c: c.get("model_type", "t2v") == "t2v", subclasses=False, variant=_wan_variant,
+        workflow=Workflow("wan2.1_t2v_1.3B_fp16.safetensors", ("head.modulation", "blocks.0.self_attn.q.weight"), model_loader="UNETLoader",
+                          clip_loader="CLIPLoader", clip_type="wan", text_encoders=("text_encoder",), vae_file="wan_2.1_vae.safetensors",
+                          latent="EmptyHunyuanLatentVideo", test_steps=30, test_cfg=6.0, test_scheduler="simple",
+                          text_encoder_file="umt5_xxl_fp8_e4m3fn_scaled.safetensors", frames=17)),
 )
 
 # Families that are not image / video diffusion: refused by name, whatever their sampling says.

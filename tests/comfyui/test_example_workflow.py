@@ -1,4 +1,4 @@
-"""example_workflows/train_{sd15,sdxl,flux,qwen_image}_lora.json against the node definitions of a real ComfyUI
+"""example_workflows/train_{sd15,sdxl,flux,qwen_image,wan_video}_lora.json against the node definitions of a real ComfyUI
 (GET /object_info), each against the builder's API graph of that family.
 
 No training: the checks are about the files (tests/comfyui/test_family_examples.py runs the SDXL and
@@ -141,6 +141,12 @@ def test_family_settings_are_in_the_file(family, workflow, object_info):
         assert w["LoRALabDataset"]["resolution"] == 1024
         assert w["EmptyLatentImage"]["width"] == w["EmptyLatentImage"]["height"] == 1024
         assert w["LoRALabPrecision"]["gradient_checkpointing"] is True
+    elif family == "wan":
+        assert w["UNETLoader"] == {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"}
+        assert w["CLIPLoader"] == {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan", "device": "default"}
+        assert w["VAELoader"]["vae_name"] == "wan_2.1_vae.safetensors"
+        assert (w["LoRALabDataset"]["frames"], w["LoRALabDataset"]["fps"]) == (17, 16.0)
+        assert w["EmptyHunyuanLatentVideo"]["length"] == 17 and w["LoRALabTrain"]["expert"] == "none"
     elif family == "qwen_image":
         assert w["UNETLoader"] == {"unet_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default"}
         assert w["CLIPLoader"] == {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image", "device": "default"}

@@ -55,11 +55,12 @@ def with_stand_in_loaders(prompt, family):
         p[CKPT] = {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_SDXL_UNET_NAME, "weight_dtype": "default"}}
         p[ENCODERS] = {"class_type": "LoRALabTestEncoders", "inputs": {"family": "sdxl"}}
         moves = {(CKPT, 1): [ENCODERS, 0], (CKPT, 2): [ENCODERS, 1]}
-    elif family == "qwen_image":
+    elif family in ("qwen_image", "wan"):
         assert [p[k]["class_type"] for k in (CKPT, CLIP_LOADER, VAE_LOADER)] == ["UNETLoader", "CLIPLoader", "VAELoader"]
-        assert p[CLIP_LOADER]["inputs"]["type"] == "qwen_image"
-        p[CKPT] = {"class_type": "LoRALabTestTinyFamily", "inputs": {"family": "qwen_image", "seed": 0}}
-        p[CLIP_LOADER] = {"class_type": "LoRALabTestFamilyEncoders", "inputs": {"family": "qwen_image"}}
+        assert p[CLIP_LOADER]["inputs"]["type"] == family
+        tiny = {"qwen_image": "qwen_image", "wan": "wan21"}[family]
+        p[CKPT] = {"class_type": "LoRALabTestTinyFamily", "inputs": {"family": tiny, "seed": 0}}
+        p[CLIP_LOADER] = {"class_type": "LoRALabTestFamilyEncoders", "inputs": {"family": tiny}}
         del p[VAE_LOADER]
         moves = {(VAE_LOADER, 0): [CLIP_LOADER, 1]}
     else:
@@ -75,15 +76,18 @@ def with_stand_in_loaders(prompt, family):
     return p
 
 
-def sweep_cells(srv, entry):
-    """The sweep grid cut into one float RGB array per strength (below each label strip)."""
+def sweep_cells(srv, entry, row=-1):
+    """The sweep grid cut into one float RGB array per strength (below each label strip); a video
+    family's cell is three frames high (first, middle, last): `row` picks one."""
     info = entry["outputs"][SWEEP_SAVE]["images"][0]
     grid = np.asarray(Image.open(srv.output_file(info)).convert("RGB"), dtype=np.float32)
     assert grid.shape[1] == SIZE * len(STRENGTHS), grid.shape
-    return [grid[-SIZE:, i * SIZE:(i + 1) * SIZE] for i in range(len(STRENGTHS))]
+    rows = (grid.shape[0] - 28) // SIZE
+    top = 28 + (row % rows) * SIZE
+    return [grid[top:top + SIZE, i * SIZE:(i + 1) * SIZE] for i in range(len(STRENGTHS))]
 
 
-@pytest.fixture(scope="module", params=["sdxl", "flux", "qwen_image"])
+@pytest.fixture(scope="module", params=["sdxl", "flux", "qwen_image", "wan"])
 def run(request, server):
     family = request.param
     steps = 2 if family == "sdxl" else 10  # the SDXL UNet is 140 M parameters, the narrow Flux / Qwen-Image ~2 M
@@ -103,7 +107,7 @@ def test_example_graph_trains_saves_reports_previews_and_sweeps(run):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith("lora_down.weight")}
-    assert meta["ss_base_model_version"].startswith({"flux": "flux1", "sdxl": "sdxl_", "qwen_image": "qwen_image"}[family]), meta["ss_base_model_version"]
+    assert meta["ss_base_model_version"].startswith({"flux": "flux1", "sdxl": "sdxl_", "qwen_image": "qwen_image", "wan": "wan"}[family]), meta["ss_base_model_version"]
     assert meta["ss_steps"] == str(steps)
     assert {str(d) for d in dtypes} == {"torch.float16" if family == "sdxl" else "torch.bfloat16"}  # the family's save_dtype
     assert entry["outputs"][REPORT_SAVE]["images"]
@@ -122,8 +126,17 @@ def test_last_preview_is_the_sweeps_strength_1_cell(run):
     previews = entry["outputs"][TRAIN]["images"]
     assert [p["filename"].rsplit("_", 1)[-1] for p in previews] == [f"{steps // 2:06d}.png", f"{steps:06d}.png"]
     last = np.asarray(Image.open(srv.output_file(previews[-1])).convert("RGB"), dtype=np.float32)
-    cell = sweep_cells(srv, entry)[STRENGTHS.index(1.0)]
+    cell = sweep_cells(srv, entry, row=1 if family == "wan" else -1)[STRENGTHS.index(1.0)]  # a clip's preview: its middle frame
     assert np.abs(cell - last).mean() < 2.0, np.abs(cell - last).mean()
+
+
+def test_a_video_sweep_shows_three_frames_per_strength(run):
+    family, _, _, entry, srv = run
+    if family != "wan":
+        pytest.skip("image families: one image per strength")
+    info = entry["outputs"][SWEEP_SAVE]["images"][0]
+    grid = np.asarray(Image.open(srv.output_file(info)).convert("RGB"))
+    assert grid.shape[0] == 28 + 3 * SIZE, grid.shape
 
 
 def test_only_the_loaders_were_swapped(run):

@@ -127,7 +127,11 @@ class FamilyVAE(TinyVAE):
         return z[:, :, None] if self.dims == 5 else z
 
     def decode(self, latent):
-        return super().decode(latent[:, :, 0] if latent.ndim == 5 else latent)
+        """Images [B, H, W, 3]; a 5-D latent gives frames [B, T, H, W, 3], as ComfyUI's video VAEs do
+        (this stand-in does not expand time)."""
+        if latent.ndim == 5:
+            return torch.stack([super(FamilyVAE, self).decode(latent[:, :, t]) for t in range(latent.shape[2])], dim=1)
+        return super().decode(latent)
 
 
 class LoRALabTestTinyFamily:

@@ -18,7 +18,7 @@ def classes(p):
 
 
 def test_every_profiled_family_has_a_workflow():
-    assert set(FAMILIES) == {"sd15", "sd2", "sdxl", "sd3", "chroma", "flux", "qwen_image"}
+    assert set(FAMILIES) == {"sd15", "sd2", "sdxl", "sd3", "chroma", "flux", "qwen_image", "wan"}
 
 
 @pytest.mark.parametrize("family, loaders", [
@@ -45,6 +45,16 @@ def test_qwen_image_graph():
     train = p[TRAIN]["inputs"]
     assert train["timestep_sampling"] == "shift" and "guidance" not in train  # Qwen-Image takes no guidance
     assert GUIDANCE not in p
+
+
+def test_wan_graph_trains_and_tests_clips():
+    p = prompt("wan")
+    assert p[CLIP_LOADER]["inputs"] == {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan", "device": "default"}
+    dataset = next(n for n in p.values() if n["class_type"] == "LoRALabDataset")["inputs"]
+    assert (dataset["frames"], dataset["fps"], dataset["resolution"]) == (17, 16.0, 512)
+    assert p[LATENT] == {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"batch_size": 1, "width": 512, "height": 512, "length": 17}}
+    image_family = next(n for n in prompt("sd15").values() if n["class_type"] == "LoRALabDataset")["inputs"]
+    assert "frames" not in image_family  # image families keep the node's default (images only)
 
 
 def test_sd3_takes_three_text_encoders_in_order():
@@ -76,6 +86,7 @@ def test_family_defaults_are_the_profiles():
     ("flux", ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "img_in.weight"]),
     ("chroma", ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight", "distilled_guidance_layer.in_proj.weight"]),
     ("qwen_image", ["txt_norm.weight", "transformer_blocks.0.img_mod.1.weight"]),
+    ("wan", ["head.modulation", "blocks.0.self_attn.q.weight", "patch_embedding.weight"]),
 ])
 def test_family_is_read_from_the_files_tensor_names(tmp_path, family, keys):
     path = tmp_path / "model.safetensors"
