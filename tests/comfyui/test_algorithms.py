@@ -16,7 +16,6 @@ measured up to 5e-6 of the LoRA's effect).
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import time
@@ -43,29 +42,12 @@ TOLERANCE = 1e-4  # measured: <= 5e-6 of the LoRA's effect for every algorithm, 
 
 
 def _in_process(comfyui: str, base: str) -> dict:
-    import importlib.util
+    import in_process
 
-    sys.path.insert(0, comfyui)
-    import utils  # noqa: F401  ComfyUI's own package, before anything can shadow it
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import folder_paths
+    pack = in_process.load(comfyui, base)
     import torch
 
     base_dir = Path(base)
-    for name, setter in (("input", folder_paths.set_input_directory), ("output", folder_paths.set_output_directory),
-                         ("temp", folder_paths.set_temp_directory), ("user", folder_paths.set_user_directory)):
-        (base_dir / name).mkdir(parents=True, exist_ok=True)
-        setter(str(base_dir / name))
-    for kind in ("checkpoints", "loras"):
-        (base_dir / kind).mkdir(parents=True, exist_ok=True)
-        folder_paths.add_model_folder_path(kind, str(base_dir / kind), is_default=True)
-    spec = importlib.util.spec_from_file_location("lora_lab", REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["lora_lab"] = pack
-    spec.loader.exec_module(pack)
     import comfy.model_management
     import comfy.sd
     import nodes as comfy_nodes
@@ -77,13 +59,7 @@ def _in_process(comfyui: str, base: str) -> dict:
     from lora_lab.trainer.schedule import ScheduleConfig
     from lora_lab.trainer.sessions import STORE, node_key
 
-    log_lines: list[str] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record):
-            log_lines.append(record.getMessage())
-
-    logging.getLogger().addHandler(Capture(level=logging.WARNING))
+    log_lines = in_process.capture_warnings()
     Train, Dataset = pack.NODE_CLASS_MAPPINGS["LoRALabTrain"], pack.NODE_CLASS_MAPPINGS["LoRALabDataset"]
     models = {}
     with torch.inference_mode():  # as ComfyUI's executor runs every node

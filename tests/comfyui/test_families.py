@@ -15,7 +15,6 @@ saved in fp32, so only float32 rounding separates the merged weight from the hoo
 from __future__ import annotations
 
 import json
-import logging
 import re
 import subprocess
 import sys
@@ -111,28 +110,12 @@ def _objective_check(den, ex, torch):
 
 
 def _in_process(comfyui: str, base: str) -> dict:
-    import importlib.util
+    import in_process
 
-    sys.path.insert(0, comfyui)
-    import utils  # noqa: F401  ComfyUI's own package, before anything can shadow it
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import folder_paths
+    pack = in_process.load(comfyui, base, model_folders=("loras",))
     import torch
 
     base_dir = Path(base)
-    for name, setter in (("input", folder_paths.set_input_directory), ("output", folder_paths.set_output_directory),
-                         ("temp", folder_paths.set_temp_directory), ("user", folder_paths.set_user_directory)):
-        (base_dir / name).mkdir(parents=True, exist_ok=True)
-        setter(str(base_dir / name))
-    (base_dir / "loras").mkdir(parents=True, exist_ok=True)
-    folder_paths.add_model_folder_path("loras", str(base_dir / "loras"), is_default=True)
-    spec = importlib.util.spec_from_file_location("lora_lab", REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["lora_lab"] = pack
-    spec.loader.exec_module(pack)
     import comfy.model_management
     import nodes as comfy_nodes
     from safetensors import safe_open
@@ -144,13 +127,7 @@ def _in_process(comfyui: str, base: str) -> dict:
     from lora_lab.trainer.schedule import ScheduleConfig
     from lora_lab.trainer.sessions import STORE, node_key
 
-    log_lines: list[str] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record):
-            log_lines.append(record.getMessage())
-
-    logging.getLogger().addHandler(Capture(level=logging.WARNING))
+    log_lines = in_process.capture_warnings()
     Train, Dataset = pack.NODE_CLASS_MAPPINGS["LoRALabTrain"], pack.NODE_CLASS_MAPPINGS["LoRALabDataset"]
     only = sys.argv[3].split(",") if len(sys.argv) > 3 else FAMILIES
     out: dict = {}

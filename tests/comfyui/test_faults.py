@@ -11,7 +11,6 @@ process is this file, run as a script (see `_in_process`).
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
@@ -207,29 +206,12 @@ def test_deleting_the_train_node_in_the_browser_frees_its_session(comfy_server, 
 def _in_process(comfyui: str, base: str) -> dict:
     """Loads ComfyUI (CPU) and this pack into this process, as ComfyUI's executor would, and runs
     the Train node with the model's forward patched to fail. Prints a JSON summary."""
-    import importlib.util
+    import in_process
 
-    sys.path.insert(0, comfyui)
-    import utils  # noqa: F401  ComfyUI's own package, before anything can shadow it
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import folder_paths
+    pack = in_process.load(comfyui, base)
     import torch
 
     base_dir = Path(base)
-    for name, setter in (("input", folder_paths.set_input_directory), ("output", folder_paths.set_output_directory),
-                         ("temp", folder_paths.set_temp_directory), ("user", folder_paths.set_user_directory)):
-        (base_dir / name).mkdir(parents=True, exist_ok=True)
-        setter(str(base_dir / name))
-    for kind in ("checkpoints", "loras"):
-        (base_dir / kind).mkdir(parents=True, exist_ok=True)
-        folder_paths.add_model_folder_path(kind, str(base_dir / kind), is_default=True)
-    spec = importlib.util.spec_from_file_location("lora_lab", REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["lora_lab"] = pack
-    spec.loader.exec_module(pack)
     import comfy.sd
     from lora_lab.nodes.common import LoRALabNodeError
     from lora_lab.nodes.lora import LoRALabSaveLoRA

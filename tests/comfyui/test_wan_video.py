@@ -12,7 +12,6 @@ checks are in test_families.py.
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -58,28 +57,12 @@ def write_clips(folder: Path) -> None:
 
 
 def _in_process(comfyui: str, base: str) -> dict:
-    import importlib.util
+    import in_process
 
-    sys.path.insert(0, comfyui)
-    import utils  # noqa: F401
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    comfy.cli_args.args.use_pytorch_cross_attention = True
-    import folder_paths
+    pack = in_process.load(comfyui, base, model_folders=("loras",))
     import torch
 
     base_dir = Path(base)
-    for name, setter in (("input", folder_paths.set_input_directory), ("output", folder_paths.set_output_directory),
-                         ("temp", folder_paths.set_temp_directory), ("user", folder_paths.set_user_directory)):
-        (base_dir / name).mkdir(parents=True, exist_ok=True)
-        setter(str(base_dir / name))
-    (base_dir / "loras").mkdir(parents=True, exist_ok=True)
-    folder_paths.add_model_folder_path("loras", str(base_dir / "loras"), is_default=True)
-    spec = importlib.util.spec_from_file_location("lora_lab", REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["lora_lab"] = pack
-    spec.loader.exec_module(pack)
     import comfy.model_management
     import nodes as comfy_nodes
     from safetensors import safe_open
@@ -91,13 +74,7 @@ def _in_process(comfyui: str, base: str) -> dict:
     from lora_lab.trainer.schedule import ScheduleConfig
     from lora_lab.trainer.sessions import STORE, node_key
 
-    log_lines: list[str] = []
-
-    class Capture(logging.Handler):
-        def emit(self, record):
-            log_lines.append(record.getMessage())
-
-    logging.getLogger().addHandler(Capture(level=logging.WARNING))
+    log_lines = in_process.capture_warnings()
     Train, Dataset = pack.NODE_CLASS_MAPPINGS["LoRALabTrain"], pack.NODE_CLASS_MAPPINGS["LoRALabDataset"]
     r: dict = {}
     with torch.inference_mode():
@@ -124,18 +101,23 @@ def _in_process(comfyui: str, base: str) -> dict:
     sigma = den.sigma_from_u(torch.tensor([0.5]))
     x = den.noise_input(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)), sigma)
     comfy.model_management.load_models_gpu([den.patcher], force_full_load=True)
-    with torch.no_grad():
-        base_out = den.denoise(x, sigma, [clip.conds[0]])
-        with net.applied():
-            ours = den.denoise(x, sigma, [clip.conds[0]])
-    before = len(log_lines)
-    with torch.inference_mode():
-        patched = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, saved.name, 1.0)[0]
-    comfy.model_management.load_models_gpu([patched], force_full_load=True)
-    with torch.no_grad():
-        theirs = patched.model.apply_model(x, sigma, **den.model_conds([clip.conds[0]], x))
-    r["not_loaded"] = [line for line in log_lines[before:] if "not loaded" in line.lower()]
-    r["parity"] = {"max_diff": float((theirs - ours).abs().max()), "lora_effect": float((ours - base_out).abs().max()), "shape": list(x.shape)}
+    r["parity"], r["not_loaded"] = {}, []
+    for s in (1.0, 1.5):
+        with torch.no_grad():
+            base_out = den.denoise(x, sigma, [clip.conds[0]])
+            net.strength = s
+            with net.applied():
+                ours = den.denoise(x, sigma, [clip.conds[0]])
+            net.strength = 1.0
+        before = len(log_lines)
+        with torch.inference_mode():
+            patched = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, saved.name, s)[0]
+        comfy.model_management.load_models_gpu([patched], force_full_load=True)
+        with torch.no_grad():
+            theirs = patched.model.apply_model(x, sigma, **den.model_conds([clip.conds[0]], x))
+        comfy.model_management.load_models_gpu([den.patcher], force_full_load=True)
+        r["not_loaded"] += [line for line in log_lines[before:] if "not loaded" in line.lower()]
+        r["parity"][str(s)] = {"max_diff": float((theirs - ours).abs().max()), "lora_effect": float((ours - base_out).abs().max()), "shape": list(x.shape)}
     print(json.dumps(r))
     return r
 
@@ -175,9 +157,10 @@ def test_images_and_clips_train_together(results):
     assert results["metadata"]["ss_base_model_version"] == "wan"
 
 
-def test_stock_loader_patches_the_clip_forward_as_training_did(results):
+@pytest.mark.parametrize("strength", ["1.0", "1.5"])
+def test_stock_loader_patches_the_clip_forward_as_training_did(results, strength):
     assert results["not_loaded"] == []
-    p = results["parity"]
+    p = results["parity"][strength]
     assert p["shape"][2] == 3 and p["lora_effect"] > 1e-4, p
     assert p["max_diff"] <= 1e-4 * p["lora_effect"] + 1e-5, p
 
