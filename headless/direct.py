@@ -33,6 +33,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -80,12 +81,15 @@ def failure_message(failures: dict, output: str) -> str:
     def reason(f) -> str:
         if f.exitcode < 0 or not f.message or f.message == "<N/A>":
             name = f.signal_name() if f.exitcode < 0 else ""
+            if name == "SIGTERM":
+                return "was stopped by the launcher (SIGTERM)"
             return f"was killed by {name}" if name and name != "<N/A>" else f"exited with code {f.exitcode}"
         message = f.message.get("message", f.message) if isinstance(f.message, dict) else f.message
         lines = [line for line in str(message).splitlines() if line.strip()]
         return "stopped: " + (lines[-1] if lines else f"exit code {f.exitcode}")
 
-    ordered = sorted(failures.items(), key=lambda kv: (kv[1].exitcode >= 0, kv[0]))
+    # The cause first: a process killed from outside, then one that failed; last, the ones the launcher stopped.
+    ordered = sorted(failures.items(), key=lambda kv: (kv[1].exitcode == -signal.SIGTERM, kv[1].exitcode >= 0, kv[0]))
     parts = [f"rank {rank} {reason(f)}" for rank, f in ordered]
     return (f"training stopped: process {'; '.join(parts)}. The other processes were stopped; the files in {output} "
             "are the last ones written whole.")
