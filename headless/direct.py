@@ -23,8 +23,10 @@ and, with --save-every, a LoRA and a resumable state (lora_lab_states/) every th
 The strength sweep samples through ComfyUI's executor and is left out of this path: run the
 single-process command, or load the LoRA in the test graph.
 
-When a process dies, the launcher stops the others (torchrun watches them every second; a
-collective with a dead peer fails) and exits non-zero naming each rank and its reason. Every file
+When a process dies, the launcher stops the others on this machine (torchrun watches them every
+second; a collective with a dead peer fails) and exits non-zero naming each rank and its reason.
+On other machines a process stops when its next collective fails, at the latest after
+COLLECTIVE_TIMEOUT_S. Every file
 is written whole or not at all (temp file + rename), so the last saved file stays intact.
 """
 
@@ -58,6 +60,7 @@ def main(args, argv: list[str], options: dict) -> int:
 
 def launch(processes: int, argv: list[str], output: str) -> int:
     """N processes of this same command on this machine (torchrun, standalone rendezvous)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -70,7 +73,7 @@ def launch(processes: int, argv: list[str], output: str) -> int:
     except ChildFailedError as e:
         print(failure_message(e.failures, output), file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SignalException):  # the launcher turns Ctrl-C into a SignalException
         print(f"\nstopped (Ctrl-C): every process was stopped; the files in {output} are the last ones written whole.", file=sys.stderr)
         return 130
     return 0
