@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .server import REPO_ROOT, ComfyServer, ExecutionFailed, PromptRejected, ServerError, execution_error, looks_like_comfyui, status_str
 from .workflow import FAMILIES, FAMILY_DEFAULTS, REPORT_SAVE, SAVE, SWEEP_SAVE, TRAIN, TrainingOptions, option_default, training_prompt
+from trainer.distributed import launched
 from trainer.profiles import detect_file, profile_for
 
 HELP = {
@@ -82,6 +83,16 @@ def _help(name: str, default) -> str:
     return f"default {default}"
 
 
+def _processes(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1 (one process per GPU)")
+    return value
+
+
 def _flag_value(text: str):
     return text.lower() in ("1", "true", "yes", "on")
 
@@ -102,6 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", default="lora_lab_output", help="where the LoRA, report and sweep are copied (default: ./lora_lab_output)")
     train.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="auto: the GPU when torch sees one")
     train.add_argument("--timeout", type=float, default=24 * 3600, help="give up after this many seconds")
+    train.add_argument("--processes", type=_processes, default=None,
+                       help="train data-parallel in N processes on this machine (one per GPU), without ComfyUI's server: "
+                            "--batch-size is per process; writes the LoRA and the report, no strength sweep. "
+                            "Under accelerate launch / torchrun the launcher sets the count")
+    train.add_argument("--cache-dir", default=None, help="with --processes: the folder of the dataset's encoding cache "
+                       "(default: your ComfyUI's user folder, the cache the Dataset node uses)")
+    train.add_argument("--save-every", type=int, default=0, help="with --processes: also save the LoRA and a resumable state every N steps")
+    train.add_argument("--rank-dump", default=None, help=argparse.SUPPRESS)  # tests: every process writes its weights and slices here
     for f in dataclasses.fields(TrainingOptions):
         flag = "--" + f.name.replace("_", "-")
         if f.default is dataclasses.MISSING:
@@ -126,20 +145,26 @@ def _use_gpu(device: str) -> bool:
     return torch.cuda.is_available()
 
 
-def _prepare(args, base: Path) -> dict:
-    """Base directory for ComfyUI: your models visible, model files given as paths linked in, the dataset resolved."""
+def _options(args) -> dict:
+    """The options of the training graph, the family read from the model file, the dataset resolved."""
     opts = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainingOptions)}
     opts["family"] = args.family or family_of(args.checkpoint, args.comfyui)
+    dataset = Path(args.dataset).expanduser()
+    if not dataset.is_dir():
+        raise SystemExit(f"--dataset: {dataset} is not a folder; point it at your images (with .txt captions).")
+    opts["dataset"] = str(dataset.resolve())
+    return opts
+
+
+def _prepare(args, base: Path) -> dict:
+    """Base directory for ComfyUI: your models visible, model files given as paths linked in, the dataset resolved."""
+    opts = _options(args)
     for name, folder in model_folders(opts["family"]).items():
         path = Path(opts[name] or FAMILY_DEFAULTS[opts["family"]].get(name) or "").expanduser()
         if opts[name] and path.is_file():
             (base / "models" / folder).mkdir(parents=True, exist_ok=True)
             os.symlink(path.resolve(), base / "models" / folder / path.name)
             opts[name] = path.name
-    dataset = Path(args.dataset).expanduser()
-    if not dataset.is_dir():
-        raise SystemExit(f"--dataset: {dataset} is not a folder; point it at your images (with .txt captions).")
-    opts["dataset"] = str(dataset.resolve())
     models = Path(args.comfyui) / "models"
     config = base / "extra_model_paths.yaml"
     config.write_text(
@@ -209,10 +234,14 @@ def _report_rejection(e: PromptRejected) -> str:
     return "\n".join(lines)
 
 
-def train(args) -> int:
+def train(args, argv: list[str]) -> int:
     if not args.comfyui or not looks_like_comfyui(args.comfyui):
         print(f"--comfyui: {args.comfyui!r} is not a ComfyUI folder (needs main.py and comfy/). Set --comfyui or COMFYUI_PATH.", file=sys.stderr)
         return 2
+    if args.processes or launched():
+        from . import direct
+
+        return direct.main(args, argv, _options(args))
     gpu = _use_gpu(args.device)
     out = Path(args.output).expanduser().resolve()
     with tempfile.TemporaryDirectory(prefix="lora_lab_") as tmp:
@@ -257,7 +286,8 @@ def _collect(entry: dict, server: ComfyServer, out: Path) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        return train(args)
+        return train(args, argv)
     return 2

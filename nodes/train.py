@@ -64,6 +64,16 @@ def _picked(name) -> bool:
     return bool(name) and name != NO_START
 
 
+def training_spec(model, dataset, steps, batch_size, gradient_accumulation, seed, network=None, optimizer=None, precision=None, loss_type="mse", min_snr_gamma=0.0, noise_offset=0.0, timestep_sampling="uniform", validation_split=0.0, epochs=0, flow_shift=recipe.FLOW_SHIFT, guidance=1.0, expert="none", expert_boundary=recipe.EXPERT_BOUNDARY) -> tuple[TrainingSpec, list[str]]:
+    """The run's spec from the Train node's inputs (unconnected settings: their nodes' defaults),
+    and notes for the user. The headless multi-process command builds its spec here too."""
+    opt, sched = optimizer or (OptimizerConfig(), ScheduleConfig())  # the Optimizer node's defaults
+    objective, objective_note = recipe.resolve_objective(comfy_adapter.prediction_type(model.model), dataset.examples, timestep_sampling, flow_shift, expert, expert_boundary, loss_type=loss_type, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset)
+    train_config = TrainConfig(steps=steps if not epochs else 0, epochs=epochs, batch_size=batch_size, gradient_accumulation=gradient_accumulation, seed=seed, validation_split=validation_split)
+    spec = TrainingSpec(network=network or NetworkConfig(), optimizer=opt, schedule=sched, precision=precision or PrecisionConfig(), objective=objective, train=train_config, guidance=guidance)
+    return spec, [n for n in (objective_note,) if n]
+
+
 class LoRALabTrain:
     DESCRIPTION = (
         "Trains a LoRA on the connected MODEL, in this ComfyUI process. Queue again to continue training "
@@ -131,12 +141,8 @@ class LoRALabTrain:
 
     @user_errors
     def train(self, model, dataset, steps, batch_size, gradient_accumulation, seed, mode, output_name, network=None, optimizer=None, precision=None, loss_type="mse", min_snr_gamma=0.0, noise_offset=0.0, timestep_sampling="uniform", validation_split=0.0, epochs=0, continue_from=None, flow_shift=recipe.FLOW_SHIFT, guidance=1.0, expert="none", expert_boundary=recipe.EXPERT_BOUNDARY, preview=None, preview_every=0, save_every=0, clip=None, start_from_lora=NO_START, resume_from_state=NO_START, unique_id=None):
-        opt, sched = optimizer or (OptimizerConfig(), ScheduleConfig())  # the Optimizer node's defaults
-        objective, objective_note = recipe.resolve_objective(comfy_adapter.prediction_type(model.model), dataset.examples, timestep_sampling, flow_shift, expert, expert_boundary, loss_type=loss_type, min_snr_gamma=min_snr_gamma, noise_offset=noise_offset)
-        train_config = TrainConfig(steps=steps if not epochs else 0, epochs=epochs, batch_size=batch_size, gradient_accumulation=gradient_accumulation, seed=seed, validation_split=validation_split)
-        spec = TrainingSpec(network=network or NetworkConfig(), optimizer=opt, schedule=sched, precision=precision or PrecisionConfig(), objective=objective, train=train_config, guidance=guidance)
+        spec, notes = training_spec(model, dataset, steps, batch_size, gradient_accumulation, seed, network, optimizer, precision, loss_type, min_snr_gamma, noise_offset, timestep_sampling, validation_split, epochs, flow_shift, guidance, expert, expert_boundary)
         key = continue_from.session_key if continue_from is not None else node_key(unique_id)
-        notes = [n for n in (objective_note,) if n]
         with torch.inference_mode(False):
             entry = self._entry(key, model, dataset, spec, clip, mode, continue_from, start_from_lora, resume_from_state, notes)
             session = entry.session

@@ -21,8 +21,10 @@ Public API:
     TrainConfig                 steps/epochs, batch, accumulation, seed, validation, NaN guard
     Denoiser                    protocol the model adapter implements
     StepInfo                    what callbacks receive after every optimizer step
-    Session(denoiser, examples, network, spec=TrainingSpec(...))
+    Session(denoiser, examples, network, spec=TrainingSpec(...), data_parallel=None)
         (or the parts as keywords: optimizer=..., schedule=..., precision=..., objective=..., train=...)
+        data_parallel (trainer.distributed): one of several processes; the global batch is
+        batch_size x processes, drawn here whole, trained on this process's slice
         .run(until_step=None, callback=None) -> History   (callback may raise to interrupt)
         .step, .total_steps, .history, .diagnosis(), .spec, .started_at, .cycles
         .lr_at(step) / .lr_plan(until) -> [(step, lr)]  the schedule as it trains, cycles included
@@ -42,6 +44,7 @@ from typing import Any, Callable, Protocol
 import torch
 
 from .data import Example, _mix, batches_per_epoch, collate, epoch_batches
+from .distributed import DataParallel
 from .errors import ConfigError, LoRALabError, TrainingError
 from .diagnosis import Diagnosis, diagnose
 from .monitor import History, fixed_validation_plan, split_validation
@@ -82,7 +85,7 @@ class StepInfo:
 class Session:
     """One LoRA training: model adapter, data, network, optimizer and all the state to resume."""
 
-    def __init__(self, denoiser: Denoiser, examples: list[Example], network: LoRANetwork, spec: TrainingSpec | None = None, **parts):
+    def __init__(self, denoiser: Denoiser, examples: list[Example], network: LoRANetwork, spec: TrainingSpec | None = None, data_parallel: DataParallel | None = None, **parts):
         if spec is None:
             # The network's own config is the spec's: one source for rank/alpha/targets.
             spec = TrainingSpec(network=network.config, **parts)
@@ -95,6 +98,9 @@ class Session:
         spec = replace(spec, precision=for_device(spec.precision, denoiser.device))
         self.spec = spec
         self.denoiser, self.network = denoiser, network
+        self.data_parallel = data_parallel
+        # Every process draws the whole global batch; batch_size is per process.
+        self.global_batch = spec.train.batch_size * (data_parallel.world_size if data_parallel else 1)
         self.optimizer_config, self.schedule, self.precision = spec.optimizer, spec.schedule, spec.precision
         self.objective, self.train = spec.objective, spec.train
         train = spec.train
@@ -109,13 +115,14 @@ class Session:
         self.val_examples = [examples[i] for i in val_idx]
         self.val_plan = fixed_validation_plan(len(self.val_examples), train.seed, self._val_fractions()) if self.val_examples else []
         images = sum(ex.repeats for ex in self.examples)
-        if train.batch_size > images:
+        if self.global_batch > images:
+            per = f" x {data_parallel.world_size} processes = {self.global_batch}" if data_parallel and data_parallel.world_size > 1 else ""
             raise ConfigError(
                 "batch_size",
-                f"{train.batch_size} is larger than the dataset ({images} images x repeats after the validation split); "
-                f"use batch_size <= {images} or add images.",
+                f"{train.batch_size}{per} is larger than the dataset ({images} images x repeats after the validation split); "
+                f"use a global batch <= {images} or add images.",
             )
-        self.batches_per_epoch = batches_per_epoch(self.examples, train.batch_size)
+        self.batches_per_epoch = batches_per_epoch(self.examples, self.global_batch)
         network.to(denoiser.device)
         self.params = [p for p in network.parameters() if p.requires_grad]
         self.optimizer = build_optimizer(spec.optimizer, network.param_groups(), denoiser.device)
@@ -240,21 +247,25 @@ class Session:
     def _batch(self, micro: int) -> list[int]:
         epoch, pos = divmod(micro, self.batches_per_epoch)
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            self._epoch_cache = (epoch, epoch_batches(self.examples, self.train.batch_size, self.train.seed, epoch))
+            self._epoch_cache = (epoch, epoch_batches(self.examples, self.global_batch, self.train.seed, epoch))
         return self._epoch_cache[1][pos]
 
-    def _forward_loss(self, examples: list[Example], indices: list[int], g: torch.Generator, u: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
-        """Per-sample loss of one batch; all randomness comes from `g` (and `seed` for dropout)."""
+    def _forward_loss(self, examples: list[Example], indices: list[int], g: torch.Generator, u: torch.Tensor | None = None, seed: int = 0, part: slice = slice(None)) -> torch.Tensor:
+        """Per-sample loss of one batch; all randomness comes from `g` (and `seed` for dropout).
+        The randomness of the whole batch is drawn, then only `part` of it is trained (data
+        parallel: this process's slice), so a slice sees what it would in one process."""
         device = self.denoiser.device
         picks = torch.randint(0, 1 << 30, (len(indices),), generator=g).tolist()
         x0, conds = collate(examples, indices, picks)
-        x0 = x0.to(device, torch.float32)
         if u is None:
             u = sample_u(self.objective, len(indices), g, "cpu")
-        sigma = self.denoiser.sigma_from_u(u.to(device))
         noise = torch.randn(x0.shape, generator=g)
         if self.objective.noise_offset > 0:
             noise = add_noise_offset(noise, self.objective.noise_offset, g)
+        x0, conds, u, noise = x0[part].to(device, torch.float32), conds[part], u[part], noise[part]
+        if not len(x0):
+            return x0.new_zeros(0)
+        sigma = self.denoiser.sigma_from_u(u.to(device))
         x = self.denoiser.noise_input(x0, noise.to(device), sigma)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # LoRA dropout draws from the global RNG
@@ -267,15 +278,24 @@ class Session:
         accum, step = self.train.gradient_accumulation, self.step
         for group, lr in zip(self.optimizer.param_groups, self._lr(step)):
             group["lr"] = lr
-        losses, finite = [], True
+        losses, finite, dp = [], True, self.data_parallel
         for k in range(accum):
             g = torch.Generator().manual_seed(_mix(self.train.seed, step, k))
-            loss = self._forward_loss(self.examples, self._batch(step * accum + k), g, seed=_mix(self.train.seed, step, k, 1)).mean()
-            losses.append(loss.item())
+            batch = self._batch(step * accum + k)
+            seed = _mix(self.train.seed, step, k, 1)
+            if dp is None:
+                loss = self._forward_loss(self.examples, batch, g, seed=seed).mean()
+                losses.append(loss.item())
+            else:  # this slice's share of the global batch's mean; the sum over processes is the mean
+                loss = self._forward_loss(self.examples, batch, g, seed=seed, part=dp.part(batch)).sum() / len(batch)
+                losses.append(dp.sum(loss).item())
             if not math.isfinite(losses[-1]):
                 finite = False  # no backward: a NaN loss would only poison the gradients
                 continue
-            (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
+            if loss.requires_grad:  # a process with an empty slice has nothing to backpropagate
+                (self.scaler.scale(loss / accum) if self.scaler else loss / accum).backward()
+        if finite and dp is not None:
+            dp.sum_gradients(self.params)
         if finite:
             result = optimizer_step(self.optimizer, self.params, self.scaler, self.precision.max_grad_norm)
             # With a finite loss, an fp16 gradient overflow is the loss scaler doing its job (it

@@ -21,7 +21,9 @@ Public API:
     TrainingSpec                                   (trainer.spec)
     resolve_objective(prediction, examples, timestep_sampling, flow_shift, **objective) -> (ObjectiveConfig, note | None)
     model_examples(denoiser, examples) -> list[Example]
-    start_session(denoiser, targets, examples, spec, start_weights=None) -> Session
+    start_session(denoiser, targets, examples, spec, start_weights=None, data_parallel=None) -> Session
+        data_parallel: this process's place among several (trainer.distributed); every process
+        calls the recipe alike, and the file records the process count and the global batch
     train(session, until, on_step=None) -> list[str]   notes for the user (memory estimate)
     lora_file(session, output_name) -> (weights, metadata)
 """
@@ -34,6 +36,7 @@ from typing import Callable, Mapping
 import torch
 
 from .data import Example
+from .distributed import DataParallel
 from .errors import ConfigError, LoRALabError
 from .io import build_metadata, check_compatible
 from .loop import Session, StepInfo
@@ -118,7 +121,7 @@ def _fresh(value):
     return value
 
 
-def start_session(denoiser, targets: list[Target], examples: list[Example], spec: TrainingSpec, start_weights: Mapping[str, torch.Tensor] | None = None, start_field: str = "start_from_lora") -> Session:
+def start_session(denoiser, targets: list[Target], examples: list[Example], spec: TrainingSpec, start_weights: Mapping[str, torch.Tensor] | None = None, start_field: str = "start_from_lora", data_parallel: DataParallel | None = None) -> Session:
     """A new session. The LoRA's initial weights follow the seed; `start_weights` (a saved LoRA of
     the same family, rank and targets) replaces them, refused naming `start_field` otherwise."""
     with torch.random.fork_rng(devices=[]):
@@ -130,7 +133,7 @@ def start_session(denoiser, targets: list[Target], examples: list[Example], spec
             network.load_kohya(dict(start_weights))
         except LoRALabError as e:
             raise ConfigError(start_field, str(e)) from None
-    return Session(denoiser, examples, network, spec)
+    return Session(denoiser, examples, network, spec, data_parallel=data_parallel)
 
 
 def train(session: Session, until: int, on_step: Callable[[StepInfo], None] | None = None) -> list[str]:
@@ -156,6 +159,7 @@ def lora_file(session: Session, output_name: str) -> tuple[dict[str, torch.Tenso
     """The kohya-format weights (fp32) and the metadata of the LoRA `session` trained, read from the
     session's own spec: a chained Train node that continued it writes what really trained."""
     spec, net = session.spec, session.spec.network
+    parallel = session.data_parallel
     weights = session.network.to_kohya(torch.float32)
     metadata = build_metadata(
         base_model=_profile(session.denoiser),
@@ -172,6 +176,7 @@ def lora_file(session: Session, output_name: str) -> tuple[dict[str, torch.Tenso
             "lora_lab_seed": str(spec.train.seed),
             "lora_lab_loss_type": spec.objective.loss_type,
             "lora_lab_prediction": session.denoiser.prediction,
+            **({"lora_lab_processes": str(parallel.world_size), "lora_lab_global_batch": str(session.global_batch)} if parallel else {}),
         },
     )
     return weights, metadata
