@@ -8,7 +8,8 @@ file with ComfyUI's stock LoraLoaderModelOnly and compares the model ComfyUI pat
 training forward (the LoRA's hooks) at strength 1 and 1.5.
 
 Families: SD3.5 (MMDiT), Chroma, SD2.x 768-v, Qwen-Image, Wan 2.1 T2V and Wan 2.2 TI2V 5B (profiles)
-and AuraFlow, Lumina 2 (no profile: the generic path). Tolerance of the forward comparison as in test_algorithms: the LoRA is
+and AuraFlow, Lumina 2, HunyuanDiT (no profile: the generic path; HunyuanDiT is its v-prediction case,
+conditioned on two text encoders and their masks, which the dataset cache carries). Tolerance of the forward comparison as in test_algorithms: the LoRA is
 saved in fp32, so only float32 rounding separates the merged weight from the hooks.
 """
 
@@ -32,11 +33,11 @@ for p in (str(HERE), str(REPO_ROOT)):
 from tiny_models import DATASET_DIR_NAME, make_dataset  # noqa: E402
 
 PROFILED = ("sd3", "chroma", "sd2v", "qwen_image", "wan21", "wan22_5b")
-GENERIC = ("auraflow", "lumina2")
+GENERIC = ("auraflow", "lumina2", "hunyuan_dit")
 FAMILIES = PROFILED + GENERIC
 PROFILE_KEY = {"sd3": "sd3", "chroma": "chroma", "sd2v": "sd2", "qwen_image": "qwen_image", "wan21": "wan", "wan22_5b": "wan",
-               "auraflow": "generic", "lumina2": "generic"}
-PREDICTION = {"sd2v": "v"}  # every other family here is a flow model
+               "auraflow": "generic", "lumina2": "generic", "hunyuan_dit": "generic"}
+PREDICTION = {"sd2v": "v", "hunyuan_dit": "v"}  # every other family here is a flow model
 # The others: 10 steps at 3e-3. The tiny SD2 UNet's held-out loss turns back up after step 5 (at
 # 3e-4, 1e-3 and 3e-3 alike: the images of steps 6-10 pull it away), so it trains 5 steps.
 STEPS, LR = {"sd2v": 5}, {"sd2v": 1e-3, "auraflow": 1e-2}
@@ -75,6 +76,7 @@ def _reference_names(family: str, diffusion_model, unet_config) -> set[str]:
         "wan22_5b": {"WanAttentionBlock"},
         "auraflow": {"MMDiTBlock", "DiTBlock"},  # the generic path: every repeated block
         "lumina2": {"JointTransformerBlock"},
+        "hunyuan_dit": {"HunYuanDiTBlock"},
     }[family]
     excluded = re.compile(r".*(patch_embedding|text_embedding|time_embedding|time_projection|norm|head).*") if family.startswith("wan") else None
     return {"lora_unet_" + p.replace(".", "_") for p in linears_in(classes) if excluded is None or not excluded.match(p)}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from tiny_models import TINY_UNET_CONFIG, TinyTextEncoder, TinyVAE, _seeded_state_dict
+from tiny_models import TINY_UNET_CONFIG, TinyTextEncoder, TinyVAE, _seeded_state_dict, _word_vector
 
 # family -> (supported_models config class, unet config, text tokens, text width, pooled width or None,
 #            latent channels, latent dims, VAE scale, VAE shift)
@@ -49,6 +49,12 @@ FAMILIES = {
     "auraflow": ("AuraFlow", {"cond_seq_dim": 2048, "in_channels": 4, "out_channels": 4, "patch_size": 2, "dim": 128, "n_layers": 4,
                               "n_double_layers": 2, "n_heads": 2, "global_conddim": 128, "max_seq": 256},
                  32, 2048, None, 4, 4, 0.13025, 0.0),
+    # v-prediction through the generic path: two text encoders (BERT 77 x 1024 as cross_attn, mT5
+    # 256 x 2048 as conditioning_mt5xl) with their attention masks, all carried by the dataset cache.
+    "hunyuan_dit": ("HunyuanDiT", {"image_model": "hydit", "input_size": [8, 8], "patch_size": 2, "in_channels": 4, "hidden_size": 64,
+                                   "depth": 2, "num_heads": 2, "text_states_dim": 1024, "text_states_dim_t5": 2048, "text_len": 77,
+                                   "text_len_t5": 256, "learn_sigma": True, "size_cond": False, "use_style_cond": False},
+                    77, 1024, None, 4, 4, 0.13025, 0.0),
     "lumina2": ("Lumina2", {"image_model": "lumina2", "patch_size": 2, "in_channels": 16, "dim": 128, "n_layers": 2,
                             "n_refiner_layers": 2, "n_heads": 2, "n_kv_heads": 1, "multiple_of": 32, "qk_norm": True,
                             "cap_feat_dim": 2304, "axes_dims": [16, 24, 24], "axes_lens": [300, 512, 512]},
@@ -101,9 +107,14 @@ class FamilyTextEncoder(TinyTextEncoder):
     def encode_from_tokens_scheduled(self, tokens, **kw):
         (cross, extras), = super().encode_from_tokens_scheduled(tokens, **kw)
         extras = dict(extras) if self.has_pooled else {}
-        if self.family == "lumina2":
-            n = max(1, min(len(list(tokens)), self.tokens))
+        n = max(1, min(len(list(tokens)), self.tokens))
+        if self.family in ("lumina2", "hunyuan_dit"):
             extras["attention_mask"] = (torch.arange(self.tokens) < n).long()[None]
+        if self.family == "hunyuan_dit":  # HunyuanDiT's second encoder, mT5-XL
+            rows = [_word_vector(w, 2048, "mt5") for w in list(tokens)[:256]]
+            rows += [torch.zeros(2048)] * (256 - len(rows))
+            extras["conditioning_mt5xl"] = torch.stack(rows)[None]
+            extras["attention_mask_mt5xl"] = (torch.arange(256) < n).long()[None]
         return [[cross, extras]]
 
 
