@@ -21,7 +21,7 @@ Public API:
     TrainingSpec                                   (trainer.spec)
     resolve_objective(prediction, examples, timestep_sampling, flow_shift, **objective) -> (ObjectiveConfig, note | None)
     model_examples(denoiser, examples) -> list[Example]
-    start_session(denoiser, targets, examples, spec, start_weights=None) -> Session
+    start_session(denoiser, targets, examples, spec, start_weights=None, control=None) -> Session
     train(session, until, on_step=None) -> list[str]   notes for the user (memory estimate)
     lora_file(session, output_name) -> (weights, metadata)
 """
@@ -100,7 +100,7 @@ def model_examples(denoiser, examples: list[Example]) -> list[Example]:
     for ex in examples:
         latents = [latent_in(lat[None].clone().float())[0] for lat in ex.latents]
         conds = [_fresh(c) for c in ex.conds]
-        out.append(Example(latents, conds, ex.repeats, ex.name, dict(ex.extra)))
+        out.append(Example(latents, conds, ex.repeats, ex.name, dict(ex.extra), ex.loss_weight, ex.regularisation))
     return out
 
 
@@ -118,9 +118,12 @@ def _fresh(value):
     return value
 
 
-def start_session(denoiser, targets: list[Target], examples: list[Example], spec: TrainingSpec, start_weights: Mapping[str, torch.Tensor] | None = None, start_field: str = "start_from_lora") -> Session:
+def start_session(denoiser, targets: list[Target], examples: list[Example], spec: TrainingSpec, start_weights: Mapping[str, torch.Tensor] | None = None, start_field: str = "start_from_lora",
+                  control: list[Example] | None = None) -> Session:
     """A new session. The LoRA's initial weights follow the seed; `start_weights` (a saved LoRA of
-    the same family, rank and targets) replaces them, refused naming `start_field` otherwise."""
+    the same family, rank and targets) replaces them, refused naming `start_field` otherwise.
+    `control` (the base model's samples of the control prompts, in the model's latent space) is
+    the set concept bleed is measured on."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.train.seed)
         network = LoRANetwork(targets, spec.network)
@@ -130,7 +133,7 @@ def start_session(denoiser, targets: list[Target], examples: list[Example], spec
             network.load_kohya(dict(start_weights))
         except LoRALabError as e:
             raise ConfigError(start_field, str(e)) from None
-    return Session(denoiser, examples, network, spec)
+    return Session(denoiser, examples, network, spec, control=control)
 
 
 def train(session: Session, until: int, on_step: Callable[[StepInfo], None] | None = None) -> list[str]:
