@@ -163,7 +163,8 @@ class LoRALabDataset:
             return float("nan")
 
     @user_errors
-    def load(self, folder, vae, clip, resolution, bucket, repeats, trigger_word, control_images=4, control_prompts="", reg_folder="", prior_loss_weight=1.0, **options):
+    def load(self, folder, vae, clip, resolution, bucket, repeats, trigger_word, control_images=ControlConfig.control_images, control_prompts=ControlConfig.control_prompts,
+             reg_folder=ControlConfig.reg_folder, prior_loss_weight=ControlConfig.prior_loss_weight, **options):
         config = self._config(resolution, bucket, repeats, trigger_word, **options)
         control = ControlConfig(control_images, control_prompts, reg_folder, prior_loss_weight)
         skipped: list[str] = []

@@ -11,7 +11,7 @@ each step's loss weighted by `prior_loss_weight` for them (kohya's default 1.0):
 back towards what the base model did, so the bleed line falls.
 
 Public API:
-    ControlConfig(control_images=4, control_prompts="", reg_folder="", prior_loss_weight=1.0)
+    ControlConfig(control_images=2, control_prompts="", reg_folder="", prior_loss_weight=1.0)
         Frozen, validated on construction (ConfigError naming the input).
     GENERIC_PROMPTS                 the control prompts when captions can't give any
     control_prompts(config, captions, trigger_word) -> list[str]
@@ -46,7 +46,7 @@ GENERIC_PROMPTS = (
 
 @dataclass(frozen=True)
 class ControlConfig:
-    control_images: int = 4  # 0 = no bleed measurement
+    control_images: int = 2  # 0 = no bleed measurement (each image costs 4 forward passes per validation)
     control_prompts: str = ""  # one prompt a line; empty = from the captions (see control_prompts)
     reg_folder: str = ""  # regularisation (class) images with captions; empty = none
     prior_loss_weight: float = 1.0  # the loss weight of a regularisation image (kohya's default)
@@ -54,7 +54,7 @@ class ControlConfig:
     def __post_init__(self):
         n = self.control_images
         if not isinstance(n, Integral) or isinstance(n, bool) or not 0 <= n <= MAX_CONTROL_IMAGES:
-            raise ConfigError("control_images", f"must be a whole number from 0 to {MAX_CONTROL_IMAGES}, got {n!r}; 4 is enough to see bleed, 0 turns it off.")
+            raise ConfigError("control_images", f"must be a whole number from 0 to {MAX_CONTROL_IMAGES}, got {n!r}; 2 is enough to see bleed, 0 turns it off.")
         if not isinstance(self.control_prompts, str):
             raise ConfigError("control_prompts", f"must be text (one prompt a line), got {type(self.control_prompts).__name__}.")
         if not isinstance(self.reg_folder, str):

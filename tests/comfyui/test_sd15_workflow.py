@@ -92,7 +92,7 @@ def test_chart_data_and_report_carry_validation_and_the_base_model_reference(tra
     # base model's own samples, and at step 0 equal to the base model's value.
     assert h["bleed_step"] == h["val_step"] and h["base_bleed_loss"] > 0
     assert h["base_bleed_loss"] == pytest.approx(h["bleed_loss"][0], rel=1e-5)
-    assert any(n.startswith("Concept bleed: 4 control images drawn by the base model") for n in ui["notes"]), ui["notes"]
+    assert any(n.startswith("Concept bleed: 2 control images drawn by the base model") for n in ui["notes"]), ui["notes"]
     report = image_of(srv, entry, REPORT_SAVE)
     for color in (BASE, VALIDATION, BLEED):
         assert np.all(report == np.array(color, dtype=np.float32), axis=-1).sum() > 50, color
