@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -13,24 +14,26 @@ import folder_paths
 
 from ..trainer.cache import cache_key, load_entry, pack_conditioning, save_entry, unpack_conditioning
 from ..trainer.clips import MAX_CLIP_FRAMES
-from ..trainer.data import EncodedDataset, Example
+from ..trainer.control import MAX_CONTROL_IMAGES, ControlConfig
+from ..trainer.control import control_prompts as pick_control_prompts
+from ..trainer.data import EncodedDataset, Example, most_common_bucket
 from ..trainer.dataset import DatasetConfig, build_items, scan_folder
 from ..trainer.images import skipped_summary
 from ..trainer.errors import ConfigError
 from ..trainer.fingerprint import encoder_fingerprint
-from .common import CATEGORY, DATASET, user_errors, validation_message
+from .common import CATEGORY, DATASET, default_of, user_errors, validation_message
 
 log = logging.getLogger("lora_lab")
 
 CACHE_DIR_NAME = os.path.join("lora_lab", "cache")
 
 
-def resolve_folder(folder: str) -> str:
+def resolve_folder(folder: str, field: str = "folder") -> str:
     """An absolute path as given; anything else relative to ComfyUI's input directory."""
     # Quotes and spaces come with paths pasted from Windows' "Copy as path": gone before joining.
     folder = os.path.expanduser(str(folder).strip().strip('"').strip("'").strip())
     if not folder:
-        raise ConfigError("folder", "is empty: type a folder name inside ComfyUI's input directory, or an absolute path.")
+        raise ConfigError(field, "is empty: type a folder name inside ComfyUI's input directory, or an absolute path.")
     return folder if os.path.isabs(folder) else os.path.join(folder_paths.get_input_directory(), folder)
 
 
@@ -106,6 +109,7 @@ class LoRALabDataset:
 
     @classmethod
     def INPUT_TYPES(cls):
+        c = default_of(ControlConfig)
         return {
             "required": {
                 "folder": ("STRING", {"default": "lora_dataset", "tooltip": "Folder inside ComfyUI's input directory, or an absolute path. Images: png/jpg/webp/bmp/gif (avif when Pillow reads it); captions: same name + .txt."}),
@@ -128,6 +132,10 @@ class LoRALabDataset:
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed of the augmentations."}),
                 "frames": ("INT", {"default": 1, "min": 1, "max": MAX_CLIP_FRAMES, "step": 4, "tooltip": "Video models (Wan): > 1 trains videos (mp4, webm, mov, animated gif/webp) as clips of this many frames, 4k+1 (e.g. 17, 33, 81); images in the folder train as 1-frame clips. Use the model's own VAE (Wan VAE). 1 = images only."}),
                 "fps": ("FLOAT", {"default": 16.0, "min": 1.0, "max": 120.0, "step": 1.0, "tooltip": "Frame rate clips are read at (Wan: 16). A clip must last frames/fps seconds; shorter ones are skipped and named."}),
+                "control_images": ("INT", {"default": c["control_images"], "min": 0, "max": MAX_CONTROL_IMAGES, "tooltip": "Concept bleed: the Train node has the base model draw this many control images once per training, and measures how much the LoRA changes them (the bleed line). 0 = off."}),
+                "control_prompts": ("STRING", {"default": c["control_prompts"], "multiline": True, "tooltip": "Prompts the LoRA should leave alone, one a line. Empty: your captions without the trigger word (or a few generic prompts when there is no trigger word)."}),
+                "reg_folder": ("STRING", {"default": c["reg_folder"], "tooltip": "Regularisation images (kohya's reg folder): class images with captions, e.g. photos of other dogs for a dog LoRA, trained alongside at prior_loss_weight. They keep the LoRA from bleeding. Empty = none."}),
+                "prior_loss_weight": ("FLOAT", {"default": c["prior_loss_weight"], "min": 0.01, "max": 100.0, "step": 0.05, "tooltip": "Loss weight of each regularisation image (kohya's default 1.0)."}),
             },
         }
 
@@ -148,24 +156,28 @@ class LoRALabDataset:
         return validation_message(lambda: scan_folder(resolve_folder(folder), videos=frames > 1), folder)
 
     @classmethod
-    def IS_CHANGED(cls, folder, **kw):
-        try:
-            return _folder_state(resolve_folder(folder))
+    def IS_CHANGED(cls, folder, reg_folder="", **kw):
+        try:  # an edit in either folder (images, captions) re-runs the node
+            reg = _folder_state(resolve_folder(reg_folder, "reg_folder")) if str(reg_folder).strip() else ""
+            return _folder_state(resolve_folder(folder)) + reg
         except (ConfigError, OSError):
             return float("nan")
 
     @user_errors
-    def load(self, folder, vae, clip, resolution, bucket, repeats, trigger_word, **options):
+    def load(self, folder, vae, clip, resolution, bucket, repeats, trigger_word, control_images=ControlConfig.control_images, control_prompts=ControlConfig.control_prompts,
+             reg_folder=ControlConfig.reg_folder, prior_loss_weight=ControlConfig.prior_loss_weight, **options):
         config = self._config(resolution, bucket, repeats, trigger_word, **options)
+        control = ControlConfig(control_images, control_prompts, reg_folder, prior_loss_weight)
         skipped: list[str] = []
         entries = scan_folder(resolve_folder(folder), config.caption_extension, skipped, videos=config.frames > 1)
+        reg_entries, reg_config = self._reg_entries(control, config, skipped)
         cache_dir = os.path.join(folder_paths.get_user_directory(), CACHE_DIR_NAME)
         encoders = f"{encoder_fingerprint(vae, 'first_stage_model')}:{encoder_fingerprint(clip, 'cond_stage_model')}"
         text_cache: dict[str, tuple] = {}
         examples, hits, cache_problem = [], 0, []
-        pbar = comfy.utils.ProgressBar(len(entries))
+        pbar = comfy.utils.ProgressBar(len(entries) + len(reg_entries))
 
-        def encode(entry, item):
+        def encode(entry, item, config=config, reg=False):
             nonlocal hits
             key = cache_key(item.content_hash, encoders)
             tensors = load_entry(cache_dir, key)
@@ -181,16 +193,55 @@ class LoRALabDataset:
                 hits += 1
             original = item.size if item.images[0].ndim == 4 else original_size(entry.path)  # a clip: its frames' bucket
             sizes = [size_conditioning(original, item.size, _crop_position(config, entry.path, v)) for v in range(len(item.images))]
-            examples.append(self._example(item, tensors, sizes))
+            example = self._example(item, tensors, sizes)
+            if reg:
+                example = dataclasses.replace(example, loss_weight=control.prior_loss_weight, regularisation=True)
+            examples.append(example)
             pbar.update(1)  # Cancel stops here, after this image: what is encoded stays in the cache
 
         items, stats = build_items(entries, config, each=encode)
-        fingerprint = hashlib.sha256("|".join([encoders] + [f"{i.content_hash}:{i.repeats}" for i in items]).encode()).hexdigest()[:16]
+        reg_items = build_items(reg_entries, reg_config, each=lambda e, i: encode(e, i, reg_config, True))[0] if reg_entries else []
+        prompts = pick_control_prompts(control, [i.captions[0] for i in items], config.trigger_word)
+        control_conds = self._control_conds(prompts, examples, clip, text_cache)
+        keys = [f"{i.content_hash}:{i.repeats}" for i in items] + [f"reg:{i.content_hash}:{i.repeats}:{control.prior_loss_weight!r}" for i in reg_items]
+        fingerprint = hashlib.sha256("|".join([encoders] + keys + [f"control:{p}" for p in prompts]).encode()).hexdigest()[:16]
         stats.warnings.extend([w for w in [skipped_summary(skipped)] if w] + cache_problem)
-        summary = stats.to_text() + f"\nencoded: {len(items) - hits}, from cache: {hits}"
+        extra = [f"regularisation: {len(reg_items)} images at prior_loss_weight {control.prior_loss_weight:g}"] if reg_items else []
+        extra += [f"control (bleed): {len(prompts)} images of {len(set(prompts))} prompts, e.g. {prompts[0]!r}"] if prompts else []
+        summary = "\n".join([stats.to_text()] + extra) + f"\nencoded: {len(items) + len(reg_items) - hits}, from cache: {hits}"
         log.info("LoRA Lab dataset %s: %d images, encoders %s, fingerprint %s", folder, len(items), encoders, fingerprint)
-        dataset = EncodedDataset(examples, fingerprint, summary, list(stats.warnings))
+        dataset = EncodedDataset(examples, fingerprint, summary, list(stats.warnings), prompts, control_conds)
         return {"ui": {"text": [summary]}, "result": (dataset,)}
+
+    @staticmethod
+    def _reg_entries(control: ControlConfig, config: DatasetConfig, skipped: list[str]):
+        """The regularisation images' entries and settings: as the dataset's, without its trigger
+        word (class images are captioned as the class: that is what they keep in place)."""
+        if not control.reg_folder.strip():
+            return [], config
+        reg_config = dataclasses.replace(config, trigger_word="")
+        try:
+            return scan_folder(resolve_folder(control.reg_folder, "reg_folder"), config.caption_extension, skipped, videos=config.frames > 1), reg_config
+        except ConfigError as e:
+            raise ConfigError("reg_folder", e.message) from None
+
+    @staticmethod
+    def _control_conds(prompts: list[str], examples: list[Example], clip, text_cache) -> list[dict]:
+        """Each control prompt encoded like a caption, with the size conditioning of the dataset's
+        most common bucket (the size the Train node samples it at)."""
+        if not prompts:
+            return []
+        concept = [ex for ex in examples if not ex.regularisation]
+        extra = concept[most_common_bucket(concept)].conds[0]["extra"]
+        w, h = extra.get("target_width"), extra.get("target_height")
+        size = {"width": w, "height": h, "crop_w": 0, "crop_h": 0, "target_width": w, "target_height": h}
+        conds = []
+        for prompt in prompts:
+            if prompt not in text_cache:
+                text_cache[prompt] = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+            cross_attn, pooled, cond_extra = unpack_conditioning(pack_conditioning(text_cache[prompt], 0), 0)
+            conds.append({"cross_attn": cross_attn, "pooled_output": pooled, "extra": {**cond_extra, **size}, "caption": prompt})
+        return conds
 
     @staticmethod
     def _encode(item, vae, clip, text_cache) -> dict[str, torch.Tensor]:

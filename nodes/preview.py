@@ -3,11 +3,15 @@
 The preview is drawn by ComfyUI's own sampler from the workflow's MODEL with the LoRA being trained
 applied through the same hooks the training uses, so it shows what the test graph will produce at
 strength 1.0 — without a second copy of the model and without duplicating nodes.
+
+The control images concept bleed is measured on are drawn here too (`control_examples`): the base
+MODEL, without the LoRA, sampling each control prompt once per training session.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import torch
@@ -17,9 +21,14 @@ import comfy.sample
 import comfy.samplers
 import folder_paths
 
+from ..trainer.data import Example, most_common_bucket
 from .common import CATEGORY
 
 PREVIEW = "LORALAB_PREVIEW"
+# Control images are the base model's own samples at cfg 1 (its conditional distribution, the one
+# it predicts best; one model call per step) with a few Euler steps: they only need to be images
+# this model draws, not good ones, and they are made once per training session.
+CONTROL_STEPS = 8
 
 
 class PreviewSettings:
@@ -86,3 +95,22 @@ def save_temp_image(image: torch.Tensor, name: str) -> dict:
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+
+
+def control_examples(model, dataset, seed: int) -> tuple[list[Example], str]:
+    """The base MODEL's samples of the dataset's control prompts, as raw-latent Examples at the
+    dataset's most common bucket size (seeded: seed + image index), and a line for the notes."""
+    started = time.perf_counter()
+    concept = [ex for ex in dataset.examples if not ex.regularisation]
+    shape = concept[most_common_bucket(concept)].latents[0].shape
+    out = []
+    with torch.inference_mode():
+        for i, (prompt, cond) in enumerate(zip(dataset.control_prompts, dataset.control_conds)):
+            latent = comfy.sample.fix_empty_latent_channels(model, torch.zeros(1, *shape))
+            noise = comfy.sample.prepare_noise(latent, seed + i, None)
+            pooled = cond["pooled_output"]
+            positive = [[cond["cross_attn"][None], {**cond["extra"], "pooled_output": None if pooled is None else pooled[None]}]]
+            samples = comfy.sample.sample(model, noise, CONTROL_STEPS, 1.0, "euler", "simple", positive, positive, latent, seed=seed + i, disable_pbar=True)
+            out.append(Example([samples[0].float().cpu()], [cond], name=f"control {i + 1}: {prompt}"))
+    note = f"Concept bleed: {len(out)} control images drawn by the base model in {time.perf_counter() - started:.1f} s."
+    return out, note

@@ -27,7 +27,7 @@ from ..trainer.sessions import STORE, Entry, next_target, node_key
 from ..trainer.spec import TrainConfig, TrainingSpec
 from ..trainer.fingerprint import encoder_fingerprint, patcher_fingerprint
 from .common import CATEGORY, DATASET, HISTORY, LORA, NETWORK, OPTIMIZER, PRECISION, TrainedLoRA, TrainingRecord, default_of, loras_file, save_into_loras, user_errors
-from .preview import PREVIEW, render_preview, save_temp_image, to_pil
+from .preview import PREVIEW, control_examples, render_preview, save_temp_image, to_pil
 
 log = logging.getLogger("lora_lab")
 
@@ -183,7 +183,7 @@ class LoRALabTrain:
                 changed = changed_parts(entry.fingerprint, fingerprint)
                 notes.append(f"Started a new LoRA: the {', '.join(changed)} changed since the last run (set mode to 'continue' with the same inputs to keep training).")
             STORE.release(key)
-            entry = self._new_entry(model, dataset, spec, clip, start_from_lora, resume_from_state, fingerprint)
+            entry = self._new_entry(model, dataset, spec, clip, start_from_lora, resume_from_state, fingerprint, notes)
             STORE.put(key, entry)
         if not entry.session.denoiser.same_model(model, clip):
             # The same checkpoint loaded again by ComfyUI (the fingerprint matched): train on the
@@ -192,11 +192,16 @@ class LoRALabTrain:
         return entry
 
     @staticmethod
-    def _new_entry(model, dataset, spec, clip, start_from_lora, resume_from_state, fingerprint) -> Entry:
+    def _new_entry(model, dataset, spec, clip, start_from_lora, resume_from_state, fingerprint, notes) -> Entry:
         denoiser, targets = comfy_adapter.training_targets(model, spec.network, spec.guidance, clip)
+        control = None
+        if dataset.control_conds:  # once per session: the base model's own images of the control prompts
+            control, note = control_examples(model, dataset, spec.train.seed)
+            control = recipe.model_examples(denoiser, control)
+            notes.append(note)
         try:
             start = load_lora(loras_file(start_from_lora, "start_from_lora"))[0] if _picked(start_from_lora) else None
-            session = recipe.start_session(denoiser, targets, recipe.model_examples(denoiser, dataset.examples), spec, start)
+            session = recipe.start_session(denoiser, targets, recipe.model_examples(denoiser, dataset.examples), spec, start, control=control)
         except LoRALabError as e:  # a saved LoRA that can't start this run: the file's name and the reason
             field = getattr(e, "field", None)
             if not _picked(start_from_lora) or field not in (None, "start_from_lora"):
@@ -227,7 +232,8 @@ class LoRALabTrain:
             if now - last_sent[0] >= MIN_MESSAGE_INTERVAL_S or info.step == until:
                 last_sent[0] = now
                 h = session.history
-                _send(PROGRESS_EVENT, {"node": str(unique_id), "step": info.step, "total": until, "loss": info.loss, "smoothed": h.smoothed[-1] if h.smoothed else None, "lr": info.lr, "eta_s": info.eta_seconds, "val_step": h.val_step[-1:], "val_loss": h.val_loss[-1:], "base_val_loss": h.base_val_loss})
+                _send(PROGRESS_EVENT, {"node": str(unique_id), "step": info.step, "total": until, "loss": info.loss, "smoothed": h.smoothed[-1] if h.smoothed else None, "lr": info.lr, "eta_s": info.eta_seconds, "val_step": h.val_step[-1:], "val_loss": h.val_loss[-1:], "base_val_loss": h.base_val_loss,
+                                      "bleed_step": h.bleed_step[-1:], "bleed_loss": h.bleed_loss[-1:], "base_bleed_loss": h.base_bleed_loss})
             if save_every and info.step % save_every == 0:
                 weights, metadata = recipe.lora_file(session, output_name)
                 path = save_into_loras(f"{output_name}-step{info.step:06d}", weights, metadata, session.precision.save_dtype, field="output_name")

@@ -164,3 +164,23 @@ def history_of(losses, lr=1e-4, val=()):
     for step, loss in val:
         h.record_validation(step, loss)
     return h
+
+
+@torch.no_grad()
+def sample_like_base(denoiser, conds, shape, seed: int, steps: int = 12) -> list[torch.Tensor]:
+    """What the base model draws for each conditioning: Euler steps from pure noise down the
+    toy's noise schedule (the toy's stand-in for ComfyUI's sampler), one seed per image."""
+    out = []
+    for i, cond in enumerate(conds):
+        g = torch.Generator().manual_seed(seed + i)
+        us = torch.linspace(0.999, 0.0, steps + 1)
+        sigmas = torch.cat([denoiser.sigma_from_u(us[:-1]), torch.zeros(1)])
+        x = denoiser.noise_input(torch.zeros(1, *shape), torch.randn(1, *shape, generator=g), sigmas[:1])
+        for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+            x0 = denoiser.denoise(x, s.view(1), [cond])
+            if denoiser.prediction == "flow":
+                x = x + (s_next - s) * (x - x0) / s
+            else:
+                x = x0 + s_next * (x - x0) / s
+        out.append(x[0])
+    return out

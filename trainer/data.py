@@ -11,7 +11,10 @@ different aspect ratios cannot be stacked. The order is a pure function of (seed
 resumed run visits exactly the batches an uninterrupted one would.
 
 Public API:
-    Example(latents, conds, repeats=1, name="")
+    Example(latents, conds, repeats=1, name="", extra={}, loss_weight=1.0, regularisation=False)
+        a regularisation example (kohya's reg folder: class images) trains alongside the concept at
+        its `loss_weight` (prior_loss_weight) and is never held out for validation
+    most_common_bucket(examples) -> int   index of an example of the bucket seen most per epoch
     epoch_batches(examples, batch_size, seed, epoch) -> list[list[int]]
     batches_per_epoch(examples, batch_size) -> int
     collate(examples, picks) -> (latents [B,...], list of conds)
@@ -34,6 +37,8 @@ class Example:
     repeats: int = 1
     name: str = ""
     extra: dict = field(default_factory=dict)
+    loss_weight: float = 1.0  # this example's share in the loss (kohya's prior_loss_weight for reg images)
+    regularisation: bool = False
 
     def __post_init__(self):
         if not self.latents or not self.conds:
@@ -43,6 +48,8 @@ class Example:
             raise ConfigError("dataset", f"example {self.name}: latent variants differ in shape {sorted(shapes)}.")
         if self.repeats < 1:
             raise ConfigError("repeats", f"example {self.name}: repeats must be >= 1, got {self.repeats}.")
+        if not self.loss_weight >= 0.0:
+            raise ConfigError("prior_loss_weight", f"example {self.name}: a loss weight must be >= 0, got {self.loss_weight}.")
 
     @property
     def bucket(self) -> tuple[int, ...]:
@@ -54,6 +61,14 @@ def _buckets(examples: list[Example]) -> dict[tuple[int, ...], list[int]]:
     for i, ex in enumerate(examples):
         buckets.setdefault(ex.bucket, []).extend([i] * ex.repeats)
     return buckets
+
+
+def most_common_bucket(examples: list[Example]) -> int:
+    """Index of the first example of the bucket visited most per epoch (repeats counted; ties:
+    the larger bucket): the size a control image is generated at."""
+    buckets = _buckets(examples)
+    shape = max(buckets, key=lambda b: (len(buckets[b]), b))
+    return buckets[shape][0]
 
 
 def batches_per_epoch(examples: list[Example], batch_size: int) -> int:
@@ -104,3 +119,7 @@ class EncodedDataset:
     fingerprint: str  # changes whenever any image, caption or encoding setting changes
     summary: str = ""
     warnings: list[str] = field(default_factory=list)
+    # The control set (concept bleed): each control prompt's conditioning, in the format of conds
+    # above, for the Train node to sample once with the base model; empty when turned off.
+    control_prompts: list[str] = field(default_factory=list)
+    control_conds: list[dict] = field(default_factory=list)

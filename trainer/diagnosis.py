@@ -10,6 +10,8 @@ Public API:
     Diagnosis                       verdict, headline, advice, evidence
     VERDICTS                        every verdict `diagnose` can give
     diagnose(history, total_steps=None) -> Diagnosis
+        with a control set, "bleeding" when the LoRA raises the control images' loss (BLEED_MARGIN)
+        at least as much as it improved the concept's validation
 
 The per-step curve is only read for a blow-up (or, without validation, a clear fall), on
 log-loss with its noise measured robustly (MAD around each chunk's mean): "drop" compares the
@@ -61,6 +63,11 @@ SLOW_GAIN = 0.10  # better than the base model by less than this: "learning (slo
 NOT_LEARNING_MIN_STEPS = 50  # "no measurable change" is only said after this many steps...
 NOT_LEARNING_MIN_PROGRESS = 0.2  # ...and (when the run length is known) this share of the run
 ENDING_PROGRESS = 0.9  # past this share of total_steps, "keep training" becomes "train longer"
+# Concept bleed: the control images' fixed-noise loss (the base model's own samples of unrelated
+# prompts) this much above the base model's, and at least as much as the concept gained on
+# validation: the LoRA changes what it should leave alone as much as what it should learn. 5 %
+# is five times VAL_CHANGE: a change that shows in samples of those prompts, not measurement noise.
+BLEED_MARGIN = 0.05
 
 VERDICTS = (
     "warming_up",
@@ -71,6 +78,7 @@ VERDICTS = (
     "no_trend",
     "diverged",
     "nan",
+    "bleeding",
 )
 
 _TINY = 1e-12  # keeps log() finite for a zero loss
@@ -201,6 +209,14 @@ def _validation(history: History) -> _Validation:
         tail_share=float(tail_fall / total_fall) if total_fall > 0 else 0.0,
         damaged_since=since,
     )
+
+
+def _bleed(history: History) -> float | None:
+    """The last bleed measurement against the base model's (relative: 0.1 = 10 % higher), once
+    there are MIN_VAL_POINTS of them; None without a control set."""
+    if len(history.bleed_loss) < MIN_VAL_POINTS or not history.base_bleed_loss:
+        return None
+    return history.bleed_loss[-1] / max(history.base_bleed_loss, _TINY) - 1.0
 
 
 def _fmt_lr(lr: float) -> str:
@@ -353,6 +369,21 @@ def diagnose(history: History, total_steps: int | None = None) -> Diagnosis:
             + ([] if val is not None else [NO_VALIDATION_ADVICE]),
             evidence,
         )
+
+    bleed = _bleed(history)
+    if bleed is not None:
+        evidence["bleed_change"] = bleed
+        gain = -val.change if val is not None else 0.0
+        if bleed >= BLEED_MARGIN and bleed >= gain:
+            concept = f"; validation of the concept improved {_pct(gain)}" if val is not None else ""
+            return Diagnosis(
+                "bleeding",
+                f"Bleeding: your LoRA changes unrelated images as much as your concept: the control images' loss is "
+                f"{_pct(bleed)} above the base model's{concept}.{rolled}",
+                [f"lower rank or unet_lr (e.g. {_lr_change(history, 0.5)})", "use a trigger word, and keep it out of the control prompts",
+                 "add regularisation images (reg_folder): class images of what your concept is"],
+                evidence,
+            )
 
     if val is not None and len(history.val_loss) >= MIN_VAL_POINTS:
         return _judge_validation(history, val, train_rising, progress, rolled, lower_lr, evidence)

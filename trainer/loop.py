@@ -21,12 +21,15 @@ Public API:
     TrainConfig                 steps/epochs, batch, accumulation, seed, validation, NaN guard
     Denoiser                    protocol the model adapter implements
     StepInfo                    what callbacks receive after every optimizer step
-    Session(denoiser, examples, network, spec=TrainingSpec(...), data_parallel=None)
+    Session(denoiser, examples, network, spec=TrainingSpec(...), data_parallel=None, control=None)
         (or the parts as keywords: optimizer=..., schedule=..., precision=..., objective=..., train=...)
         data_parallel (trainer.distributed): one of several processes; the global batch is
         batch_size x processes, drawn here whole, trained on this process's slice
+        examples marked `regularisation` train alongside at their loss_weight, never held out;
+        `control` (Examples: the base model's own samples of control prompts) is the bleed set
         .run(until_step=None, callback=None) -> History   (callback may raise to interrupt)
         .step, .total_steps, .history, .diagnosis(), .spec, .started_at, .cycles
+        .validation_loss(), .bleed_loss(), .base_loss(measure)  fixed-noise losses (at strength 0)
         .lr_at(step) / .lr_plan(until) -> [(step, lr)]  the schedule as it trains, cycles included
         .rebind(denoiser, targets)                      the same model, loaded again
         .state_dict() -> (tensors, meta)  /  .load_state_dict(tensors, meta)   resume, no pickle
@@ -85,7 +88,8 @@ class StepInfo:
 class Session:
     """One LoRA training: model adapter, data, network, optimizer and all the state to resume."""
 
-    def __init__(self, denoiser: Denoiser, examples: list[Example], network: LoRANetwork, spec: TrainingSpec | None = None, data_parallel: DataParallel | None = None, **parts):
+    def __init__(self, denoiser: Denoiser, examples: list[Example], network: LoRANetwork, spec: TrainingSpec | None = None, data_parallel: DataParallel | None = None,
+                 control: list[Example] | None = None, **parts):
         if spec is None:
             # The network's own config is the spec's: one source for rank/alpha/targets.
             spec = TrainingSpec(network=network.config, **parts)
@@ -106,14 +110,21 @@ class Session:
         train = spec.train
         self.started_at = time.time()  # wall-clock start, for the file's metadata
         self.memory_estimate = None  # the recipe's estimate of this run's peak memory, made once
+        concept = [ex for ex in examples if not ex.regularisation]
+        if not concept:
+            raise ConfigError("dataset", "it holds regularisation images only: add the images of your concept to the folder.")
         train_idx, val_idx = (
-            split_validation(len(examples), train.validation_split, train.seed)
+            split_validation(len(concept), train.validation_split, train.seed)
             if train.validation_split > 0
-            else (list(range(len(examples))), [])
+            else (list(range(len(concept))), [])
         )
-        self.examples = [examples[i] for i in train_idx]
-        self.val_examples = [examples[i] for i in val_idx]
+        # Regularisation images always train: held out, they would measure the class, not the concept.
+        self.examples = [concept[i] for i in train_idx] + [ex for ex in examples if ex.regularisation]
+        self.val_examples = [concept[i] for i in val_idx]
         self.val_plan = fixed_validation_plan(len(self.val_examples), train.seed, self._val_fractions()) if self.val_examples else []
+        # The bleed set: measured like validation, with its own fixed noise.
+        self.control = list(control or [])
+        self.control_plan = fixed_validation_plan(len(self.control), _mix(train.seed, 0xB1EED), self._val_fractions()) if self.control else []
         images = sum(ex.repeats for ex in self.examples)
         if self.global_batch > images:
             per = f" x {data_parallel.world_size} processes = {self.global_batch}" if data_parallel and data_parallel.world_size > 1 else ""
@@ -168,14 +179,21 @@ class Session:
         started, started_step = time.perf_counter(), self.step
         if self.val_examples and self.history.base_val_loss is None:
             self.history.base_val_loss = self.base_validation_loss()
+        if self.control and self.history.base_bleed_loss is None:
+            self.history.base_bleed_loss = self.base_loss(self.bleed_loss)
         if self.val_examples and not self.history.val_step:
             self.history.record_validation(self.step, self.validation_loss())
+        if self.control and not self.history.bleed_step:
+            self.history.record_bleed(self.step, self.bleed_loss())
         while self.step < until:
             loss, result = self._step_or_out_of_memory()
             elapsed = time.perf_counter() - started
             per_step = elapsed / (self.step - started_step)
-            if self.val_examples and (self.step % validate_every == 0 or self.step == until):
-                self.history.record_validation(self.step, self.validation_loss())
+            if self.step % validate_every == 0 or self.step == until:
+                if self.val_examples:
+                    self.history.record_validation(self.step, self.validation_loss())
+                if self.control:
+                    self.history.record_bleed(self.step, self.bleed_loss())
             if callback:
                 callback(
                     StepInfo(
@@ -283,11 +301,13 @@ class Session:
             g = torch.Generator().manual_seed(_mix(self.train.seed, step, k))
             batch = self._batch(step * accum + k)
             seed = _mix(self.train.seed, step, k, 1)
+            weights = torch.tensor([self.examples[i].loss_weight for i in batch], device=self.denoiser.device)
             if dp is None:
-                loss = self._forward_loss(self.examples, batch, g, seed=seed).mean()
+                loss = (self._forward_loss(self.examples, batch, g, seed=seed) * weights).mean()
                 losses.append(loss.item())
             else:  # this slice's share of the global batch's mean; the sum over processes is the mean
-                loss = self._forward_loss(self.examples, batch, g, seed=seed, part=dp.part(batch)).sum() / len(batch)
+                part = dp.part(batch)
+                loss = (self._forward_loss(self.examples, batch, g, seed=seed, part=part) * weights[part]).sum() / len(batch)
                 losses.append(dp.sum(loss).item())
             if not math.isfinite(losses[-1]):
                 finite = False  # no backward: a NaN loss would only poison the gradients
@@ -360,15 +380,24 @@ class Session:
             self.network.train(was_training)
         return sum(losses) / len(losses)
 
-    def base_validation_loss(self) -> float | None:
-        """Validation loss of the model without the LoRA (strength 0): what the verdicts compare
-        against. None when it is not finite (then the first validation is the reference)."""
+    def bleed_loss(self) -> float:
+        """The fixed-noise loss on the control set: the base model's own samples of prompts the LoRA
+        should leave alone. The base model predicts them well; a LoRA that raises it changes them."""
+        return self.validation_loss(self.control, self.control_plan)
+
+    def base_loss(self, measure: Callable[[], float]) -> float | None:
+        """`measure()` on the model without the LoRA (strength 0); None when it is not finite."""
         strength, self.network.strength = self.network.strength, 0.0
         try:
-            loss = self.validation_loss()
+            loss = measure()
         finally:
             self.network.strength = strength
         return loss if math.isfinite(loss) else None
+
+    def base_validation_loss(self) -> float | None:
+        """Validation loss of the model without the LoRA (strength 0): what the verdicts compare
+        against. None when it is not finite (then the first validation is the reference)."""
+        return self.base_loss(self.validation_loss)
 
     def diagnosis(self) -> Diagnosis:
         return diagnose(self.history, self.total_steps)

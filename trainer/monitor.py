@@ -2,9 +2,11 @@
 
 Public API:
     History                         per-step loss, lr, smoothed loss, epoch, validation loss,
-                                    base_val_loss (the reference), rollbacks of the NaN guard
+                                    base_val_loss (the reference), bleed loss and base_bleed_loss
+                                    (the control set), rollbacks of the NaN guard
         .record(step, loss, lr, epoch)   a non-finite loss goes to `nan_steps` only
         .record_validation(step, loss)
+        .record_bleed(step, loss)        a non-finite one is not recorded (the step shows it already)
         .record_rollback(step, to_step, lr_scale)
         .epoch_means() -> dict[int, float]
         .to_dict() / History.from_dict(d)  JSON-safe, round-trips exactly
@@ -55,6 +57,11 @@ class History:
     # One entry per NaN-guard rollback: the bad step, the step whose weights came back, and the
     # LR factor (lr_scale) in force from then on.
     rollbacks: list[dict] = field(default_factory=list)
+    # Concept bleed: the fixed-noise loss on the base model's own samples of control prompts, and
+    # its value without the LoRA. Rising above that, the LoRA changes images it should leave alone.
+    bleed_step: list[int] = field(default_factory=list)
+    bleed_loss: list[float] = field(default_factory=list)
+    base_bleed_loss: float | None = None
 
     def __post_init__(self):
         if not 0.0 <= self.ema_beta < 1.0:
@@ -83,6 +90,13 @@ class History:
         self.val_step.append(int(step))
         self.val_loss.append(loss)
 
+    def record_bleed(self, step: int, loss: float) -> None:
+        """Add one bleed measurement (the control set's fixed-noise loss)."""
+        loss = float(loss)
+        if math.isfinite(loss):
+            self.bleed_step.append(int(step))
+            self.bleed_loss.append(loss)
+
     def record_rollback(self, step: int, to_step: int, lr_scale: float) -> None:
         """Note that the NaN guard rolled back from `step` to the weights of `to_step` and lowered
         the LR to `lr_scale` times the planned LR."""
@@ -110,6 +124,9 @@ class History:
             "ema_state": self.ema_state,
             "base_val_loss": self.base_val_loss,
             "rollbacks": [dict(r) for r in self.rollbacks],
+            "bleed_step": list(self.bleed_step),
+            "bleed_loss": list(self.bleed_loss),
+            "base_bleed_loss": self.base_bleed_loss,
         }
 
     @classmethod
@@ -131,6 +148,9 @@ class History:
                 {"step": int(r["step"]), "to_step": int(r["to_step"]), "lr_scale": float(r["lr_scale"])}
                 for r in d.get("rollbacks", [])
             ],
+            bleed_step=[int(v) for v in d.get("bleed_step", [])],
+            bleed_loss=[float(v) for v in d.get("bleed_loss", [])],
+            base_bleed_loss=None if d.get("base_bleed_loss") is None else float(d["base_bleed_loss"]),
         )
 
     def tail(self, n: int) -> dict:
@@ -147,6 +167,9 @@ class History:
             out[key] = out[key][start:]
         out["val_step"] = [self.val_step[i] for i in keep_val]
         out["val_loss"] = [self.val_loss[i] for i in keep_val]
+        keep_bleed = [i for i, s in enumerate(self.bleed_step) if first is None or s >= first]
+        out["bleed_step"] = [self.bleed_step[i] for i in keep_bleed]
+        out["bleed_loss"] = [self.bleed_loss[i] for i in keep_bleed]
         out["nan_steps"] = [s for s in self.nan_steps if first is None or s >= first]
         out["rollbacks"] = [r for r in out["rollbacks"] if first is None or r["step"] >= first]
         return out

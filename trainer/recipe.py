@@ -21,9 +21,10 @@ Public API:
     TrainingSpec                                   (trainer.spec)
     resolve_objective(prediction, examples, timestep_sampling, flow_shift, **objective) -> (ObjectiveConfig, note | None)
     model_examples(denoiser, examples) -> list[Example]
-    start_session(denoiser, targets, examples, spec, start_weights=None, data_parallel=None) -> Session
+    start_session(denoiser, targets, examples, spec, start_weights=None, data_parallel=None, control=None) -> Session
         data_parallel: this process's place among several (trainer.distributed); every process
         calls the recipe alike, and the file records the process count and the global batch
+        control: the bleed set (the base model's own samples of control prompts)
     train(session, until, on_step=None) -> list[str]   notes for the user (memory estimate)
     lora_file(session, output_name) -> (weights, metadata)
 """
@@ -103,7 +104,7 @@ def model_examples(denoiser, examples: list[Example]) -> list[Example]:
     for ex in examples:
         latents = [latent_in(lat[None].clone().float())[0] for lat in ex.latents]
         conds = [_fresh(c) for c in ex.conds]
-        out.append(Example(latents, conds, ex.repeats, ex.name, dict(ex.extra)))
+        out.append(Example(latents, conds, ex.repeats, ex.name, dict(ex.extra), ex.loss_weight, ex.regularisation))
     return out
 
 
@@ -121,9 +122,12 @@ def _fresh(value):
     return value
 
 
-def start_session(denoiser, targets: list[Target], examples: list[Example], spec: TrainingSpec, start_weights: Mapping[str, torch.Tensor] | None = None, start_field: str = "start_from_lora", data_parallel: DataParallel | None = None) -> Session:
+def start_session(denoiser, targets: list[Target], examples: list[Example], spec: TrainingSpec, start_weights: Mapping[str, torch.Tensor] | None = None, start_field: str = "start_from_lora",
+                  data_parallel: DataParallel | None = None, control: list[Example] | None = None) -> Session:
     """A new session. The LoRA's initial weights follow the seed; `start_weights` (a saved LoRA of
-    the same family, rank and targets) replaces them, refused naming `start_field` otherwise."""
+    the same family, rank and targets) replaces them, refused naming `start_field` otherwise.
+    `control` (the base model's samples of the control prompts, in the model's latent space) is
+    the set concept bleed is measured on."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.train.seed)
         network = LoRANetwork(targets, spec.network)
@@ -133,7 +137,7 @@ def start_session(denoiser, targets: list[Target], examples: list[Example], spec
             network.load_kohya(dict(start_weights))
         except LoRALabError as e:
             raise ConfigError(start_field, str(e)) from None
-    return Session(denoiser, examples, network, spec, data_parallel=data_parallel)
+    return Session(denoiser, examples, network, spec, data_parallel=data_parallel, control=control)
 
 
 def train(session: Session, until: int, on_step: Callable[[StepInfo], None] | None = None) -> list[str]:

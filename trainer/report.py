@@ -8,7 +8,8 @@ Public API:
         -> np.ndarray uint8 [height, width, 3]
         Title line; the loss panel (raw per-step loss as a light thin line, the smoothed loss as a
         bold line, validation loss as markers joined by a line, the base model's validation loss
-        as a dashed reference line, NaN steps as red ticks on the x axis, legend); below it the learning-rate panel; on the right the text box with
+        as a dashed reference line, the concept-bleed loss (markers joined by a line) with its step-0
+        value dashed in its colour, NaN steps as red ticks on the x axis, legend); below it the learning-rate panel; on the right the text box with
         `report_lines`. The loss axis is logarithmic when the values span more than
         LOG_SCALE_RATIO, else linear, and the panel header says which. `lr_plan` is
         `schedule.preview(...)` output: drawn faintly behind the recorded lr, it stretches the
@@ -19,17 +20,11 @@ Public API:
         then steps, NaN count, last smoothed loss and best validation loss with its step.
     report_layout(width, height) -> ReportLayout
         Where render_report puts the title, the two plot areas (inside the axes) and the text box.
-    chart_points(history, max_points=500) -> dict
-        {step, loss, smoothed, lr, val_step, val_loss, nan_steps, base_val_loss, rollbacks}: at
-        most `max_points` entries per list, JSON-safe, for the live chart in the browser;
-        base_val_loss (None without validation) is the step-0 reference line, rollbacks the steps
-        where the NaN guard rolled back.
+    chart_points(history, max_points=500) -> dict     (trainer/chart.py, re-exported here)
 
 Long runs are decimated before drawing: for every pixel column only the first, lowest, highest and
 last value are kept and joined in that order, which colours exactly the pixels the full line would,
-so 100k steps draw as fast as 1k and a one-step spike still shows. `chart_points` keeps the lowest
-and highest raw loss of each bucket (plus the first and last point) for the same reason: averaging
-would hide the spikes that explain a diagnosis.
+so 100k steps draw as fast as 1k and a one-step spike still shows.
 """
 
 from __future__ import annotations
@@ -43,6 +38,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import ConfigError
 from .diagnosis import Diagnosis
+from .chart import chart_points  # noqa: F401  (part of this module's API)
 from .monitor import History
 
 LOG_SCALE_RATIO = 20.0  # loss axis turns logarithmic when max / min exceeds this
@@ -63,6 +59,7 @@ RAW = (178, 198, 224)
 SMOOTHED = (24, 78, 168)
 VALIDATION = (232, 118, 12)
 BASE = (128, 60, 170)  # the base model's validation loss: the step-0 reference line
+BLEED = (0, 150, 160)  # concept bleed: the control images' loss (dashed: the base model's)
 NAN = (214, 39, 40)
 LR = (46, 139, 87)
 LR_PLAN = (196, 226, 206)
@@ -75,6 +72,7 @@ VERDICT_COLORS = {
     "overfitting": (196, 104, 0),
     "diverged": (190, 24, 24),
     "nan": (190, 24, 24),
+    "bleeding": (196, 104, 0),
 }
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1; x1 and y1 are the last pixel inside
@@ -172,6 +170,8 @@ def _text_items(history: History, diagnosis: Diagnosis | None) -> list[tuple[str
         items.append(("stat", f"Best val loss: {best_loss:.4g} at step {best_step}"))
     if history.base_val_loss is not None:
         items.append(("stat", f"Base model val loss: {history.base_val_loss:.4g}"))
+    if history.bleed_loss and history.base_bleed_loss:
+        items.append(("stat", f"Bleed: {history.bleed_loss[-1] / history.base_bleed_loss - 1:+.1%} against the base model"))
     if history.rollbacks:
         last = history.rollbacks[-1]
         items.append(("stat", f"NaN-guard rollbacks: {len(history.rollbacks)} (LR now {last['lr_scale']:g}x the plan)"))
@@ -429,10 +429,12 @@ def _draw_loss_panel(draw, box: Box, history: History, x_range, size: int) -> No
     steps, loss, smoothed = _sorted_by_step(history.step, history.loss, history.smoothed)
     val_steps, val_loss = _sorted_by_step(history.val_step, history.val_loss)
     base = [] if history.base_val_loss is None else [history.base_val_loss]
-    lo, hi, log = _loss_range(np.concatenate([loss, smoothed, val_loss, base]))
+    bleed_steps, bleed = _sorted_by_step(history.bleed_step, history.bleed_loss)
+    bleed_base = [] if history.base_bleed_loss is None else [history.base_bleed_loss]
+    lo, hi, log = _loss_range(np.concatenate([loss, smoothed, val_loss, base, bleed, bleed_base]))
     xaxis = _inset_x(box, *x_range)
     yaxis = _Axis(lo, hi, log, y1 - 3, y0 + 3)
-    has_data = bool(steps.size or val_steps.size or history.nan_steps)
+    has_data = bool(steps.size or val_steps.size or bleed_steps.size or history.nan_steps)
     if log:
         yticks = _log_ticks(lo, hi, 6)
     else:
@@ -444,6 +446,8 @@ def _draw_loss_panel(draw, box: Box, history: History, x_range, size: int) -> No
         entries.append(("validation", VALIDATION, 2))
     if base:
         entries.append(("base model", BASE, 2))
+    if bleed_steps.size:
+        entries.append(("bleed", BLEED, 2))
     if history.nan_steps:
         entries.append(("NaN step", NAN, 2))
     header = f"Loss ({'log' if log else 'linear'} scale)"
@@ -453,12 +457,12 @@ def _draw_loss_panel(draw, box: Box, history: History, x_range, size: int) -> No
         _draw_label(draw, *center, "No data yet", _font(round(size * 1.3)), MUTED, "c")
         return
 
-    if base:
-        # The step-0 reference: validation of the model without the LoRA, dashed across the panel.
-        y = round(float(yaxis.px(base[0])))
+    # The step-0 references, dashed across the panel: validation and bleed of the model without the LoRA.
+    for value, color in [(v, BASE) for v in base] + [(v, BLEED) for v in bleed_base if bleed_steps.size]:
+        y = round(float(yaxis.px(value)))
         dash = max(4, size // 2)
         for x in range(x0 + 1, x1, 2 * dash):
-            draw.line((x, y, min(x + dash, x1 - 1), y), fill=BASE, width=2)
+            draw.line((x, y, min(x + dash, x1 - 1), y), fill=color, width=2)
     bold = max(3, round(size / 5))
     xs, raw_ys, smooth_ys = xaxis.px(steps), yaxis.px(loss), yaxis.px(smoothed)
     _line(draw, xs, raw_ys, RAW, 1)
@@ -469,12 +473,13 @@ def _draw_loss_panel(draw, box: Box, history: History, x_range, size: int) -> No
         # The current smoothed value, which also keeps a single-point history visible.
         _dots(draw, xs[-1:], smooth_ys[-1:], SMOOTHED, bold)
 
-    if val_steps.size:
-        vx, vy = xaxis.px(val_steps), yaxis.px(val_loss)
-        _line(draw, vx, vy, VALIDATION, 2)
-        radius = max(3, size // 4)
-        if val_steps.size <= (x1 - x0) / (3 * radius):
-            _dots(draw, vx, vy, VALIDATION, radius, outline=BACKGROUND)
+    for measured, values, color in ((val_steps, val_loss, VALIDATION), (bleed_steps, bleed, BLEED)):
+        if measured.size:
+            vx, vy = xaxis.px(measured), yaxis.px(values)
+            _line(draw, vx, vy, color, 2)
+            radius = max(3, size // 4)
+            if measured.size <= (x1 - x0) / (3 * radius):
+                _dots(draw, vx, vy, color, radius, outline=BACKGROUND)
 
     if history.nan_steps:
         tick = max(6, size // 2)
@@ -545,50 +550,3 @@ def render_report(
     _draw_lr_panel(draw, layout.lr, history, plan, x_range, size)
     _draw_text_box(draw, layout.text, _text_items(history, diagnosis), size)
     return np.array(image, dtype=np.uint8)
-
-
-def _keep_indices(values: np.ndarray, max_points: int) -> np.ndarray:
-    """Indices to keep: all of them if they fit, else the first, the last and the lowest and
-    highest value of each of (max_points - 2) // 2 equal buckets in between, in order."""
-    n = values.size
-    if n <= max_points:
-        return np.arange(n)
-    keep = [0, n - 1]
-    buckets = (max_points - 2) // 2
-    for bucket in np.array_split(np.arange(1, n - 1), buckets) if buckets else []:
-        if bucket.size:
-            chunk = values[bucket]
-            keep += [int(bucket[np.argmin(chunk)]), int(bucket[np.argmax(chunk)])]
-    return np.unique(keep)
-
-
-def chart_points(history: History, max_points: int = 500) -> dict:
-    """Decimated history for the browser chart: at most `max_points` entries in each list.
-
-    Points are whole records taken from the history (same index in step, loss, smoothed and lr),
-    never averages, so a spike the diagnosis talks about is still on the chart. The first and last
-    points are always kept. NaN steps beyond `max_points` are thinned evenly, keeping the last.
-    """
-    if isinstance(max_points, bool) or not isinstance(max_points, int) or max_points < 2:
-        raise ValueError(f"max_points must be a whole number >= 2, got {max_points!r}")
-    keep = _keep_indices(np.asarray(history.loss, dtype=float), max_points)
-    val_keep = _keep_indices(np.asarray(history.val_loss, dtype=float), max_points)
-    nan_steps = sorted(set(history.nan_steps))
-    if len(nan_steps) > max_points:
-        picks = np.unique(np.round(np.linspace(0, len(nan_steps) - 1, max_points)).astype(int))
-        nan_steps = [nan_steps[i] for i in picks]
-
-    def pick(values, indices, kind):
-        return [kind(values[i]) for i in indices.tolist()]
-
-    return {
-        "step": pick(history.step, keep, int),
-        "loss": pick(history.loss, keep, float),
-        "smoothed": pick(history.smoothed, keep, float),
-        "lr": pick(history.lr, keep, float),
-        "val_step": pick(history.val_step, val_keep, int),
-        "val_loss": pick(history.val_loss, val_keep, float),
-        "nan_steps": [int(s) for s in nan_steps],
-        "base_val_loss": history.base_val_loss,
-        "rollbacks": [int(r["step"]) for r in history.rollbacks[-max_points:]],
-    }

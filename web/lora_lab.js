@@ -1,6 +1,7 @@
 // LoRA Lab: the training cockpit in the ComfyUI frontend.
 //
-// * LoRALabTrain: a live chart (loss per step, smoothed loss, validation loss, LR strip) fed by the
+// * LoRALabTrain: a live chart (loss per step, smoothed loss, validation and bleed loss with their
+//   step-0 values dashed, LR strip) fed by the
 //   "lora_lab.progress" websocket event while training runs, rebuilt from the full history when the
 //   node finishes (output.lora_lab), with the diagnosis headline and an ETA line. A downsampled copy
 //   is kept in node.properties.lora_lab_chart, so it survives a page reload with the workflow.
@@ -42,6 +43,7 @@ const C = {
   smoothed: "#4d9bff",
   val: "#ff9f1a",
   base: "#b98cf0",
+  bleed: "#2ec4c4",
   nan: "#ff4d4f",
   lr: "#42c384",
   lrFill: "rgba(66, 195, 132, 0.16)",
@@ -56,6 +58,7 @@ const VERDICT_COLORS = {
   overfitting: "#e3a008",
   diverged: "#f85149",
   nan: "#f85149",
+  bleeding: "#e3a008",
 };
 const FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, Arial, sans-serif";
 
@@ -320,7 +323,7 @@ function strokeSeries(ctx, plot, xs, ys, color, width) {
 // ------------------------------------------------------------------ training chart state
 
 function emptyChart() {
-  return { step: [], loss: [], smoothed: [], lr: [], val_step: [], val_loss: [], nan_steps: [], base: null, total: 0, eta_s: null, diagnosis: null, notes: [], live: false, finished: false };
+  return { step: [], loss: [], smoothed: [], lr: [], val_step: [], val_loss: [], bleed_step: [], bleed_loss: [], nan_steps: [], base: null, bleedBase: null, total: 0, eta_s: null, diagnosis: null, notes: [], live: false, finished: false };
 }
 
 function asNumbers(list) {
@@ -338,6 +341,9 @@ function chartFromOutput(entry) {
   chart.val_loss = asNumbers(h.val_loss);
   chart.nan_steps = asNumbers(h.nan_steps);
   chart.base = finite(h.base_val_loss) ? h.base_val_loss : null;
+  chart.bleed_step = asNumbers(h.bleed_step);
+  chart.bleed_loss = asNumbers(h.bleed_loss);
+  chart.bleedBase = finite(h.base_bleed_loss) ? h.base_bleed_loss : null;
   chart.total = finite(entry && entry.total) ? entry.total : chart.step.length ? chart.step[chart.step.length - 1] : 0;
   const d = entry && entry.diagnosis;
   chart.diagnosis = d && typeof d === "object" ? { verdict: String(d.verdict || ""), headline: String(d.headline || ""), advice: Array.isArray(d.advice) ? d.advice.map(String).slice(0, 3) : [] } : null;
@@ -359,6 +365,7 @@ const round4 = (v) => (finite(v) ? Number(v.toPrecision(5)) : null);
 function compactChart(chart) {
   const keep = pickIndices(chart.step.length, STORED_POINTS);
   const vkeep = pickIndices(chart.val_step.length, STORED_POINTS);
+  const bkeep = pickIndices(chart.bleed_step.length, STORED_POINTS);
   const take = (arr, idx, f) => idx.map((i) => f(arr[i]));
   return {
     step: take(chart.step, keep, (v) => v),
@@ -369,6 +376,9 @@ function compactChart(chart) {
     val_loss: take(chart.val_loss, vkeep, round4),
     nan_steps: chart.nan_steps.slice(-STORED_POINTS),
     base_val_loss: chart.base,
+    bleed_step: take(chart.bleed_step, bkeep, (v) => v),
+    bleed_loss: take(chart.bleed_loss, bkeep, round4),
+    base_bleed_loss: chart.bleedBase,
     total: chart.total,
     diagnosis: chart.diagnosis,
     notes: chart.notes.slice(0, 3),
@@ -460,6 +470,7 @@ function drawTrainChart(canvas, state) {
     ["smoothed", C.smoothed, 3, false],
     ["validation", C.val, 2, true],
     ...(finite(chart.base) ? [["base model", C.base, 1.5, false]] : []),
+    ...(chart.bleed_step.length ? [["bleed", C.bleed, 2, true]] : []),
     ["lr", C.lr, 2, false],
   ];
   let lx = w - pad;
@@ -501,7 +512,8 @@ function drawTrainChart(canvas, state) {
 
   // Loss panel.
   const base = finite(chart.base) ? [chart.base] : [];
-  const lossScale = yScale([...chart.loss, ...chart.smoothed, ...chart.val_loss, ...base]) || { log: false, lo: 0, hi: 1 };
+  const bleedBase = finite(chart.bleedBase) && chart.bleed_step.length ? [chart.bleedBase] : [];
+  const lossScale = yScale([...chart.loss, ...chart.smoothed, ...chart.val_loss, ...base, ...chart.bleed_loss, ...bleedBase]) || { log: false, lo: 0, hi: 1 };
   const lossPlot = makePlot({ x: left, y, w: right - left, h: lossH }, firstStep, xMax, lossScale);
   const yTicks = lossScale.log ? logTicks(lossScale.lo, lossScale.hi) : linearTicks(lossScale.lo, lossScale.hi, Math.max(2, Math.floor(lossH / 32)));
   drawFrame(ctx, lossPlot, yTicks, xTicks, { yLabel: lossScale.log ? "loss (log)" : "loss", showX: false });
@@ -509,29 +521,28 @@ function drawTrainChart(canvas, state) {
     strokeSeries(ctx, lossPlot, steps, chart.loss, C.raw, 1.2);
     strokeSeries(ctx, lossPlot, steps, chart.smoothed, C.smoothed, 3);
   }
-  if (base.length) {
-    // The step-0 reference: validation loss of the model without the LoRA. Below it = better.
+  // The step-0 references, dashed: validation and bleed of the model without the LoRA. Below = better.
+  for (const [value, color] of [...base.map((v) => [v, C.base]), ...bleedBase.map((v) => [v, C.bleed])]) {
     ctx.save();
     ctx.setLineDash([6, 4]);
-    ctx.strokeStyle = C.base;
+    ctx.strokeStyle = color;
     ctx.lineWidth = 1.5;
     ctx.beginPath();
-    ctx.moveTo(left, lossPlot.y(base[0]));
-    ctx.lineTo(right, lossPlot.y(base[0]));
+    ctx.moveTo(left, lossPlot.y(value));
+    ctx.lineTo(right, lossPlot.y(value));
     ctx.stroke();
     ctx.restore();
   }
-  if (chart.val_step.length) {
-    strokeSeries(ctx, lossPlot, chart.val_step, chart.val_loss, C.val, 1.5);
-    ctx.fillStyle = C.val;
+  for (const [xs, ys, color] of [[chart.val_step, chart.val_loss, C.val], [chart.bleed_step, chart.bleed_loss, C.bleed]]) {
+    if (!xs.length) continue;
+    strokeSeries(ctx, lossPlot, xs, ys, color, 1.5);
+    ctx.fillStyle = color;
     ctx.strokeStyle = C.bg;
     ctx.lineWidth = 1;
-    for (let i = 0; i < chart.val_step.length; i++) {
-      const s = chart.val_step[i];
-      const v = chart.val_loss[i];
-      if (!finite(s) || !finite(v)) continue;
+    for (let i = 0; i < xs.length; i++) {
+      if (!finite(xs[i]) || !finite(ys[i])) continue;
       ctx.beginPath();
-      ctx.arc(lossPlot.x(s), lossPlot.y(v), 3.5, 0, Math.PI * 2);
+      ctx.arc(lossPlot.x(xs[i]), lossPlot.y(ys[i]), 3.5, 0, Math.PI * 2);
       ctx.fill();
       ctx.stroke();
     }
@@ -735,6 +746,12 @@ function setupTrainNode(node) {
     get base() {
       return state.chart.base;
     },
+    get bleedPoints() {
+      return state.chart.bleed_step.length;
+    },
+    get bleedBase() {
+      return state.chart.bleedBase;
+    },
     get liveMessages() {
       return state.liveMessages;
     },
@@ -775,8 +792,9 @@ function onProgress(event) {
         const prev = c;
         state.chart = emptyChart();
         if (continuing) {
-          for (const k of ["step", "loss", "smoothed", "lr", "val_step", "val_loss", "nan_steps"]) state.chart[k] = prev[k].slice();
+          for (const k of ["step", "loss", "smoothed", "lr", "val_step", "val_loss", "bleed_step", "bleed_loss", "nan_steps"]) state.chart[k] = prev[k].slice();
           state.chart.base = prev.base;
+          state.chart.bleedBase = prev.bleedBase;
         }
       }
       const chart = state.chart;
@@ -785,6 +803,7 @@ function onProgress(event) {
       chart.total = finite(Number(data.total)) ? Number(data.total) : chart.total;
       chart.eta_s = finite(data.eta_s) ? data.eta_s : null;
       if (finite(data.base_val_loss)) chart.base = data.base_val_loss;
+      if (finite(data.base_bleed_loss)) chart.bleedBase = data.base_bleed_loss;
       if (!chart.step.length || step > chart.step[chart.step.length - 1]) {
         chart.step.push(step);
         chart.loss.push(finite(data.loss) ? data.loss : NaN);
@@ -792,13 +811,15 @@ function onProgress(event) {
         chart.lr.push(finite(data.lr) ? data.lr : NaN);
         if (!finite(data.loss)) chart.nan_steps.push(step);
       }
-      const vs = Array.isArray(data.val_step) ? data.val_step : [];
-      const vl = Array.isArray(data.val_loss) ? data.val_loss : [];
-      for (let i = 0; i < Math.min(vs.length, vl.length); i++) {
-        const lastVal = chart.val_step.length ? chart.val_step[chart.val_step.length - 1] : -Infinity;
-        if (finite(vs[i]) && vs[i] > lastVal) {
-          chart.val_step.push(vs[i]);
-          chart.val_loss.push(finite(vl[i]) ? vl[i] : NaN);
+      for (const kind of ["val", "bleed"]) {
+        const xs = chart[`${kind}_step`], ys = chart[`${kind}_loss`];
+        const vs = Array.isArray(data[`${kind}_step`]) ? data[`${kind}_step`] : [];
+        const vl = Array.isArray(data[`${kind}_loss`]) ? data[`${kind}_loss`] : [];
+        for (let i = 0; i < Math.min(vs.length, vl.length); i++) {
+          if (finite(vs[i]) && vs[i] > (xs.length ? xs[xs.length - 1] : -Infinity)) {
+            xs.push(vs[i]);
+            ys.push(finite(vl[i]) ? vl[i] : NaN);
+          }
         }
       }
       thinLive(chart);

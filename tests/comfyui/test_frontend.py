@@ -212,6 +212,18 @@ FOCUS_JS = """
 """
 
 
+BLEED_PIXELS_JS = """
+(id) => {
+  // Pixels of the bleed colour (#2ec4c4, the chart's C.bleed) on the Train node's chart.
+  const c = window.comfyAPI.app.app.graph.getNodeById(id).loraLab.canvas;
+  const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
+  let n = 0;
+  for (let i = 0; i < d.length; i += 4) if (Math.abs(d[i] - 46) + Math.abs(d[i + 1] - 196) + Math.abs(d[i + 2] - 196) < 24) n++;
+  return n;
+}
+"""
+
+
 def node_info(page, node_id):
     return page.evaluate(
         """(id) => {
@@ -219,7 +231,7 @@ def node_info(page, node_id):
           const l = n && n.loraLab;
           if (!l) return null;
           const out = {};
-          for (const k of ["points", "valPoints", "base", "liveMessages", "diagnosis", "live", "total", "error", "steps", "answered", "lastPoint", "text"]) {
+          for (const k of ["points", "valPoints", "base", "bleedPoints", "bleedBase", "liveMessages", "diagnosis", "live", "total", "error", "steps", "answered", "lastPoint", "text"]) {
             try { if (k in l) out[k] = l[k]; } catch (e) {}
           }
           const el = l.element;
@@ -317,6 +329,10 @@ def _run_cockpit(page, console, srv):
     assert done["points"] >= STEPS // 2, done  # the full history replaced the sampled live points
     assert done["valPoints"] >= 2 and done["base"] > 0, done
     assert done["diagnosis"]["verdict"] and done["diagnosis"]["headline"], done
+    # Concept bleed (the Dataset node's default control set): its series, its step-0 value, and
+    # the line in its own colour on the canvas.
+    assert done["bleedPoints"] == done["valPoints"] and done["bleedBase"] > 0, done
+    assert page.evaluate(BLEED_PIXELS_JS, int(TRAIN)) > 30
     wait_idle(url, 600)
     wait_for(page, DATASET, lambda i: "encoded:" in i["text"], 30, "the dataset summary")
 

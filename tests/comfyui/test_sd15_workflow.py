@@ -17,7 +17,7 @@ from tiny_models import DATASET_DIR_NAME, TINY_CKPT_NAME
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from headless.workflow import DATASET, REPORT_SAVE, SAVE, TRAIN, TrainingOptions, training_prompt  # noqa: E402
 from trainer.diagnosis import VERDICTS  # noqa: E402
-from trainer.report import BASE, VALIDATION  # noqa: E402
+from trainer.report import BASE, BLEED, VALIDATION  # noqa: E402
 
 PACK_NODES = {
     "LoRALabDataset", "LoRALabNetwork", "LoRALabOptimizer", "LoRALabPrecision", "LoRALabTrain",
@@ -88,8 +88,13 @@ def test_chart_data_and_report_carry_validation_and_the_base_model_reference(tra
     assert h["base_val_loss"] > 0 and h["val_step"][0] == 0
     assert h["base_val_loss"] == pytest.approx(h["val_loss"][0], rel=1e-5)
     assert ui["diagnosis"]["verdict"] in VERDICTS, ui["diagnosis"]
+    # Concept bleed (the Dataset node's default control set): measured with validation, from the
+    # base model's own samples, and at step 0 equal to the base model's value.
+    assert h["bleed_step"] == h["val_step"] and h["base_bleed_loss"] > 0
+    assert h["base_bleed_loss"] == pytest.approx(h["bleed_loss"][0], rel=1e-5)
+    assert any(n.startswith("Concept bleed: 2 control images drawn by the base model") for n in ui["notes"]), ui["notes"]
     report = image_of(srv, entry, REPORT_SAVE)
-    for color in (BASE, VALIDATION):
+    for color in (BASE, VALIDATION, BLEED):
         assert np.all(report == np.array(color, dtype=np.float32), axis=-1).sum() > 50, color
 
 

@@ -24,6 +24,9 @@ def reading(name: str, up_to_step: int | None = None):
         keep_val = [i for i, s in enumerate(d["val_step"]) if s <= up_to_step]
         d["val_step"] = [d["val_step"][i] for i in keep_val]
         d["val_loss"] = [d["val_loss"][i] for i in keep_val]
+        keep_bleed = [i for i, s in enumerate(d["bleed_step"]) if s <= up_to_step]
+        d["bleed_step"] = [d["bleed_step"][i] for i in keep_bleed]
+        d["bleed_loss"] = [d["bleed_loss"][i] for i in keep_bleed]
         d["nan_steps"] = [s for s in d["nan_steps"] if s <= up_to_step]
         d["rollbacks"] = [r for r in d["rollbacks"] if r["step"] <= up_to_step]
     return diagnose(History.from_dict(d), record["total_steps"])
@@ -31,7 +34,7 @@ def reading(name: str, up_to_step: int | None = None):
 
 def test_the_corpus_covers_every_verdict_with_held_out_runs():
     expected = {r["expected"] for r in RECORDS.values()}
-    assert {"learning", "converged", "overfitting", "not_learning", "diverged", "nan", "no_trend"} <= expected
+    assert {"learning", "converged", "overfitting", "not_learning", "diverged", "nan", "no_trend", "bleeding"} <= expected
     held_out = {r["expected"] for r in RECORDS.values() if r["held_out"]}
     assert {"learning", "converged", "overfitting", "not_learning", "diverged"} <= held_out
 

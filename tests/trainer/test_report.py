@@ -19,6 +19,7 @@ from trainer.report import (
     SMOOTHED,
     VALIDATION,
     BASE,
+    BLEED,
     chart_points,
     render_report,
     report_layout,
@@ -130,6 +131,23 @@ def test_the_base_model_reference_is_a_dashed_line_at_its_level_only_when_measur
     covered = np.unique(cols)
     assert covered.size < 0.8 * (x1 - x0) and covered.max() - covered.min() > 0.9 * (x1 - x0)  # dashed, full width
     assert "Base model val loss: 0.25" in report_lines(h)
+
+
+def test_the_bleed_line_and_its_base_are_drawn_only_with_a_control_set():
+    h = noisy_history(val_every=50)
+    without = render_report(h, width=W, height=H)
+    assert not has(without, whole(without), BLEED)
+    for step in h.val_step:
+        h.record_bleed(step, 0.1 * (1 + step / 1000))  # rising above the base model's 0.1
+    h.base_bleed_loss = 0.1
+    img = render_report(h, width=W, height=H)
+    x0, y0, x1, y1 = inside(report_layout(W, H).loss)
+    rows, cols = np.nonzero(pixels_of(img, (x0, y0, x1, y1), BLEED))
+    assert rows.size and np.unique(cols).max() - np.unique(cols).min() > 0.9 * (x1 - x0)  # the dashed base spans the panel
+    assert rows.max() - rows.min() > 5  # and the measured line rises off it
+    assert any(line.startswith("Bleed: +") for line in report_lines(h))
+    points = chart_points(h)
+    assert points["bleed_step"] == h.bleed_step and points["base_bleed_loss"] == 0.1
 
 
 def test_rollbacks_are_stated_in_the_text_and_sent_to_the_chart():
@@ -396,8 +414,8 @@ def test_chart_points_are_json_safe():
 
 def test_chart_points_of_empty_history():
     points = chart_points(History())
-    keys = ("step", "loss", "smoothed", "lr", "val_step", "val_loss", "nan_steps", "rollbacks")
-    assert points == {**{key: [] for key in keys}, "base_val_loss": None}
+    keys = ("step", "loss", "smoothed", "lr", "val_step", "val_loss", "nan_steps", "rollbacks", "bleed_step", "bleed_loss")
+    assert points == {**{key: [] for key in keys}, "base_val_loss": None, "base_bleed_loss": None}
 
 
 def test_chart_points_refuses_fewer_than_two_points():
