@@ -196,7 +196,8 @@ class LoRALabTrain:
         denoiser, targets = comfy_adapter.training_targets(model, spec.network, spec.guidance, clip)
         control = None
         if dataset.control_conds:  # once per session: the base model's own images of the control prompts
-            control, note = control_examples(model, dataset, spec.train.seed)
+            with comfy_adapter.dataset_fits(denoiser.profile.label):
+                control, note = control_examples(model, dataset, spec.train.seed)
             control = recipe.model_examples(denoiser, control)
             notes.append(note)
         try:

@@ -289,6 +289,19 @@ def gradient_checkpointing(diffusion_model: torch.nn.Module, profile: Profile) -
             del block.forward  # back to the class's forward
 
 
+@contextmanager
+def dataset_fits(label: str) -> Iterator[None]:
+    """Turns the shape errors of a model run on conditioning or latents made for another model
+    (a dataset encoded with another checkpoint's CLIP or VAE) into an error naming the dataset."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "shapes cannot be multiplied" in str(e) or "size of tensor a" in str(e):
+            raise ConfigError("dataset", f"its encoded images or captions don't fit this {label} MODEL ({e}). Encode the dataset with the VAE and text encoder "
+                              "of the model you train (from the same checkpoint, or the loaders for this model's files).") from None
+        raise
+
+
 class ComfyDenoiser:
     """The engine's Denoiser protocol over a ComfyUI ModelPatcher."""
 
@@ -358,14 +371,8 @@ class ComfyDenoiser:
     def denoise(self, x: torch.Tensor, sigma: torch.Tensor, conds: list[dict]) -> torch.Tensor:
         kwargs = self.model_conds(conds, x)
         guard = autograd_safe(self.model.diffusion_model, self.profile.inplace_blocks) if torch.is_grad_enabled() else nullcontext()
-        try:
-            with guard:
-                return self.model.apply_model(x, sigma, **kwargs)
-        except RuntimeError as e:
-            if "shapes cannot be multiplied" in str(e) or "size of tensor a" in str(e):
-                raise ConfigError("dataset", f"its encoded images or captions don't fit this {self.profile.label} MODEL ({e}). Encode the dataset with the VAE and text encoder "
-                                  "of the model you train (from the same checkpoint, or the loaders for this model's files).") from None
-            raise
+        with dataset_fits(self.profile.label), guard:
+            return self.model.apply_model(x, sigma, **kwargs)
 
     def training_context(self, precision):
         """fp8 base weights, for the duration of training only (the memory estimate runs inside)."""

@@ -127,11 +127,12 @@ class Session:
         self.control_plan = fixed_validation_plan(len(self.control), _mix(train.seed, 0xB1EED), self._val_fractions()) if self.control else []
         images = sum(ex.repeats for ex in self.examples)
         if self.global_batch > images:
-            per = f" x {data_parallel.world_size} processes = {self.global_batch}" if data_parallel and data_parallel.world_size > 1 else ""
+            several = data_parallel is not None and data_parallel.world_size > 1
+            per = f" x {data_parallel.world_size} processes = {self.global_batch}" if several else ""
+            fix = f"use batch_size x processes <= {images}" if several else f"use batch_size <= {images}"
             raise ConfigError(
                 "batch_size",
-                f"{train.batch_size}{per} is larger than the dataset ({images} images x repeats after the validation split); "
-                f"use a global batch <= {images} or add images.",
+                f"{train.batch_size}{per} is larger than the dataset ({images} images x repeats after the validation split); {fix} or add images.",
             )
         self.batches_per_epoch = batches_per_epoch(self.examples, self.global_batch)
         network.to(denoiser.device)
