@@ -1,4 +1,4 @@
-"""The browser extension (web/lora_lab.js) in a real ComfyUI frontend, driven by headless Chromium.
+"""The browser extension (web/lora_lab.js, drawing in lora_lab_draw.js, chart data in lora_lab_data.js) in a real ComfyUI frontend, driven by headless Chromium.
 
 Needs, besides COMFYUI_PATH (see conftest.py):
     * Chromium: Debian/Ubuntu `apt-get install chromium` (/usr/bin/chromium; another binary via
@@ -105,7 +105,8 @@ def test_schedule_route_names_the_wrong_field(comfy_server):
 def test_extension_is_served(comfy_server):
     with urllib.request.urlopen(comfy_server.url + "/extensions") as r:
         listed = json.loads(r.read())
-    assert any(p.endswith("/lora_lab/lora_lab.js") for p in listed), listed
+    for name in ("lora_lab.js", "lora_lab_draw.js", "lora_lab_data.js"):  # the extension and the modules it imports
+        assert any(p.endswith("/lora_lab/" + name) for p in listed), (name, listed)
     with urllib.request.urlopen(comfy_server.url + EXTENSION_URL + "lora_lab.js") as r:
         assert b"registerExtension" in r.read()
 
