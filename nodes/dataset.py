@@ -7,17 +7,15 @@ import hashlib
 import logging
 import os
 
-import torch
-
 import comfy.utils
 import folder_paths
 
-from ..trainer.cache import cache_key, load_entry, pack_conditioning, save_entry, unpack_conditioning
 from ..trainer.clips import MAX_CLIP_FRAMES
 from ..trainer.control import MAX_CONTROL_IMAGES, ControlConfig
 from ..trainer.control import control_prompts as pick_control_prompts
 from ..trainer.data import EncodedDataset, Example, most_common_bucket
 from ..trainer.dataset import DatasetConfig, build_items, scan_folder
+from ..trainer.encoding import CachedEncoder
 from ..trainer.images import skipped_summary
 from ..trainer.errors import ConfigError
 from ..trainer.fingerprint import encoder_fingerprint
@@ -171,44 +169,28 @@ class LoRALabDataset:
         skipped: list[str] = []
         entries = scan_folder(resolve_folder(folder), config.caption_extension, skipped, videos=config.frames > 1)
         reg_entries, reg_config = self._reg_entries(control, config, skipped)
-        cache_dir = os.path.join(folder_paths.get_user_directory(), CACHE_DIR_NAME)
         encoders = f"{encoder_fingerprint(vae, 'first_stage_model')}:{encoder_fingerprint(clip, 'cond_stage_model')}"
-        text_cache: dict[str, tuple] = {}
-        examples, hits, cache_problem = [], 0, []
+        encoder = CachedEncoder(os.path.join(folder_paths.get_user_directory(), CACHE_DIR_NAME), encoders, vae.encode,
+                                lambda text: clip.encode_from_tokens_scheduled(clip.tokenize(text)))
+        examples: list[Example] = []
         pbar = comfy.utils.ProgressBar(len(entries) + len(reg_entries))
 
         def encode(entry, item, config=config, reg=False):
-            nonlocal hits
-            key = cache_key(item.content_hash, encoders)
-            tensors = load_entry(cache_dir, key)
-            if tensors is None:
-                tensors = self._encode(item, vae, clip, text_cache)
-                try:
-                    save_entry(cache_dir, key, tensors)
-                except OSError as e:  # training does not need the cache: say so once and go on
-                    if not cache_problem:
-                        cache_problem.append(f"the encoding cache folder {cache_dir} is not writable ({e.strerror or e}); "
-                                             "training goes on, but the images are encoded again on every run. Fix or remove that path.")
-            else:
-                hits += 1
             original = item.size if item.images[0].ndim == 4 else original_size(entry.path)  # a clip: its frames' bucket
-            sizes = [size_conditioning(original, item.size, _crop_position(config, entry.path, v)) for v in range(len(item.images))]
-            example = self._example(item, tensors, sizes)
-            if reg:
-                example = dataclasses.replace(example, loss_weight=control.prior_loss_weight, regularisation=True)
-            examples.append(example)
+            example = encoder.example(item, [size_conditioning(original, item.size, _crop_position(config, entry.path, v)) for v in range(len(item.images))])
+            examples.append(dataclasses.replace(example, loss_weight=control.prior_loss_weight, regularisation=True) if reg else example)
             pbar.update(1)  # Cancel stops here, after this image: what is encoded stays in the cache
 
         items, stats = build_items(entries, config, each=encode)
         reg_items = build_items(reg_entries, reg_config, each=lambda e, i: encode(e, i, reg_config, True))[0] if reg_entries else []
         prompts = pick_control_prompts(control, [i.captions[0] for i in items], config.trigger_word)
-        control_conds = self._control_conds(prompts, examples, clip, text_cache)
+        control_conds = self._control_conds(prompts, examples, encoder)
         keys = [f"{i.content_hash}:{i.repeats}" for i in items] + [f"reg:{i.content_hash}:{i.repeats}:{control.prior_loss_weight!r}" for i in reg_items]
         fingerprint = hashlib.sha256("|".join([encoders] + keys + [f"control:{p}" for p in prompts]).encode()).hexdigest()[:16]
-        stats.warnings.extend([w for w in [skipped_summary(skipped)] if w] + cache_problem)
+        stats.warnings.extend([w for w in [skipped_summary(skipped)] if w] + encoder.problems)
         extra = [f"regularisation: {len(reg_items)} images at prior_loss_weight {control.prior_loss_weight:g}"] if reg_items else []
         extra += [f"control (bleed): {len(prompts)} images of {len(set(prompts))} prompts, e.g. {prompts[0]!r}"] if prompts else []
-        summary = "\n".join([stats.to_text()] + extra) + f"\nencoded: {len(items) + len(reg_items) - hits}, from cache: {hits}"
+        summary = "\n".join([stats.to_text()] + extra) + f"\nencoded: {len(items) + len(reg_items) - encoder.hits}, from cache: {encoder.hits}"
         log.info("LoRA Lab dataset %s: %d images, encoders %s, fingerprint %s", folder, len(items), encoders, fingerprint)
         dataset = EncodedDataset(examples, fingerprint, summary, list(stats.warnings), prompts, control_conds)
         return {"ui": {"text": [summary]}, "result": (dataset,)}
@@ -226,44 +208,11 @@ class LoRALabDataset:
             raise ConfigError("reg_folder", e.message) from None
 
     @staticmethod
-    def _control_conds(prompts: list[str], examples: list[Example], clip, text_cache) -> list[dict]:
+    def _control_conds(prompts: list[str], examples: list[Example], encoder: CachedEncoder) -> list[dict]:
         """Each control prompt encoded like a caption, with the size conditioning of the dataset's
         most common bucket (the size the Train node samples it at)."""
         if not prompts:
             return []
         concept = [ex for ex in examples if not ex.regularisation]
         extra = concept[most_common_bucket(concept)].conds[0]["extra"]
-        w, h = extra.get("target_width"), extra.get("target_height")
-        size = {"width": w, "height": h, "crop_w": 0, "crop_h": 0, "target_width": w, "target_height": h}
-        conds = []
-        for prompt in prompts:
-            if prompt not in text_cache:
-                text_cache[prompt] = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-            cross_attn, pooled, cond_extra = unpack_conditioning(pack_conditioning(text_cache[prompt], 0), 0)
-            conds.append({"cross_attn": cross_attn, "pooled_output": pooled, "extra": {**cond_extra, **size}, "caption": prompt})
-        return conds
-
-    @staticmethod
-    def _encode(item, vae, clip, text_cache) -> dict[str, torch.Tensor]:
-        tensors = {}
-        for v, (image, caption) in enumerate(zip(item.images, item.captions)):
-            # An image is a batch of one; a clip [frames, h, w, 3] is what a video VAE takes as one video.
-            tensors[f"latent.{v}"] = vae.encode(image if image.ndim == 4 else image[None])[0].float().cpu()
-            if caption not in text_cache:
-                text_cache[caption] = clip.encode_from_tokens_scheduled(clip.tokenize(caption))
-            tensors.update(pack_conditioning(text_cache[caption], v))
-        return tensors
-
-    @staticmethod
-    def _example(item, tensors, sizes: list[dict] | None = None) -> Example:
-        """sizes: per variant, the size/crop conditioning (`size_conditioning`); default: the bucket, uncropped."""
-        w, h = item.size
-        plain = {"width": w, "height": h, "crop_w": 0, "crop_h": 0, "target_width": w, "target_height": h}
-        latents, conds = [], []
-        for v in range(len(item.images)):
-            latents.append(tensors[f"latent.{v}"])
-            cross_attn, pooled, extra = unpack_conditioning(tensors, v)
-            extra.update(sizes[v] if sizes else plain)
-            # The caption travels with its cached encoding: a text-encoder LoRA re-encodes it every step.
-            conds.append({"cross_attn": cross_attn, "pooled_output": pooled, "extra": extra, "caption": item.captions[v]})
-        return Example(latents, conds, item.repeats, item.name)
+        return encoder.prompt_conds(prompts, (extra.get("target_width"), extra.get("target_height")))

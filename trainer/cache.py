@@ -79,7 +79,9 @@ def _path(cache_dir: str | os.PathLike, key: str) -> Path:
 def save_entry(cache_dir: str | os.PathLike, key: str, tensors: dict[str, torch.Tensor]) -> Path:
     path = _path(cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # Own copies: variants with the same caption share their conditioning tensors, which
+    # safetensors refuses to write twice.
+    tensors = {k: v.detach().to("cpu").clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata={"key": key, "checksum": _checksum(tensors)})
