@@ -187,8 +187,25 @@ def _in_process(comfyui: str, base: str) -> dict:
         out[family] = r
         print(f"{family}: {time.monotonic() - t0:.0f} s, val {r['val_loss']}, parity {r['parity']}, objective {r['objective']}", file=sys.stderr, flush=True)
     out["refused"] = _refusals()
+    if "sd3" in only:
+        out["reg"] = _regularisation_run(Dataset, Train, base_dir, torch)
     print(json.dumps(out))
     return out
+
+
+def _regularisation_run(Dataset, Train, base_dir, torch) -> dict:
+    """The Dataset node with a reg_folder (class images at prior_loss_weight 0.5), and 3 steps on it."""
+    from tiny_families import FamilyTextEncoder, FamilyVAE, load_tiny_family
+    from lora_lab.trainer.precision import PrecisionConfig
+
+    with torch.inference_mode():
+        out = Dataset().load(str(base_dir / "input" / DATASET_DIR_NAME), FamilyVAE("sd3"), FamilyTextEncoder("sd3"), 64, True, 1, "sks",
+                             reg_folder=str(base_dir / "input" / "reg"), prior_loss_weight=0.5)
+        dataset = out["result"][0]
+        _, _, record = Train().train(load_tiny_family("sd3"), dataset, steps=3, batch_size=1, gradient_accumulation=1, seed=5, mode="restart",
+                                     output_name="reg", unique_id="400", precision=PrecisionConfig(mixed_precision="fp32"))["result"]
+    return {"summary": out["ui"]["text"][0], "loss": list(record.history.loss),
+            "examples": [(ex.name, ex.regularisation, ex.loss_weight, ex.conds[0]["caption"]) for ex in dataset.examples]}
 
 
 def _refusals() -> dict:
@@ -213,6 +230,9 @@ def _refusals() -> dict:
 def results(comfyui_path, tmp_path_factory):
     base = tmp_path_factory.mktemp("families")
     make_dataset(base / "input" / DATASET_DIR_NAME, n=8, size=64, seed=0)
+    make_dataset(base / "input" / "reg", n=3, size=64, seed=9)  # class images for the regularisation run
+    for caption in (base / "input" / "reg").glob("*.txt"):
+        caption.write_text("a photo of an object")  # the class, without the trigger word
     r = subprocess.run([sys.executable, __file__, str(comfyui_path), str(base)], capture_output=True, text=True, timeout=1500, cwd=str(REPO_ROOT))
     if r.returncode != 0:
         pytest.fail(f"in-process run failed (rc={r.returncode})\n{r.stdout[-4000:]}\n{r.stderr[-8000:]}")
@@ -260,6 +280,16 @@ def test_model_patched_by_comfyui_matches_the_training_forward(results, family, 
     p = results[family]["parity"][strength]
     assert p["lora_effect"] > 1e-4, p  # trained: the LoRA changes the output
     assert p["max_diff"] <= TOLERANCE * p["lora_effect"] + 1e-5, p
+
+
+def test_regularisation_images_through_the_dataset_node(results):
+    reg = results["reg"]
+    assert "regularisation: 3 images at prior_loss_weight 0.5" in reg["summary"], reg["summary"]
+    flagged = [e for e in reg["examples"] if e[1]]
+    assert len(flagged) == 3 and all(w == 0.5 for _, _, w, _ in flagged), reg["examples"]
+    assert all(w == 1.0 and "sks" in caption for _, r, w, caption in reg["examples"] if not r)
+    assert all(caption == "a photo of an object" for *_, caption in flagged)  # no trigger word added to class images
+    assert len(reg["loss"]) == 3 and all(v == v for v in reg["loss"])
 
 
 @pytest.mark.parametrize("name, kind", [("ACEStep", "audio"), ("StableAudio1", "audio"), ("Hunyuan3Dv2", "3D"), ("WAN21_Vace", "video"), ("WAN22_S2V", "video"), ("HunyuanVideo", "video")])
