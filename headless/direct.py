@@ -98,6 +98,16 @@ def failure_message(failures: dict, output: str) -> str:
             "are the last ones written whole.")
 
 
+def load_pack():
+    """This pack imported as the package `lora_lab`, as ComfyUI loads a custom-node folder (its
+    relative imports work; ComfyUI must be importable first)."""
+    spec = importlib.util.spec_from_file_location("lora_lab", REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["lora_lab"] = pack
+    spec.loader.exec_module(pack)
+    return pack
+
+
 def _import_comfyui(comfyui: str, gpu: bool):
     """ComfyUI as a library (its folder first on the path: its `nodes` module, not this pack's
     package), and this pack as the package `lora_lab`, as ComfyUI itself would load it."""
@@ -108,10 +118,7 @@ def _import_comfyui(comfyui: str, gpu: bool):
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = not gpu
-    spec = importlib.util.spec_from_file_location("lora_lab", REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["lora_lab"] = pack
-    spec.loader.exec_module(pack)
+    pack = load_pack()
     import nodes as comfy_nodes
 
     classes = dict(comfy_nodes.NODE_CLASS_MAPPINGS)
