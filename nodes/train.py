@@ -252,7 +252,7 @@ class LoRALabTrain:
     @staticmethod
     def _show(session, until, weights, metadata, key, output_name, out_model, notes, previews, saved):
         spec, diagnosis = session.spec, session.diagnosis()
-        lora = TrainedLoRA(weights, metadata, session.denoiser.family, spec.precision.save_dtype, key, output_name)
+        lora = TrainedLoRA(weights, metadata, session.denoiser.profile.key, spec.precision.save_dtype, key, output_name)
         title = f"{output_name} ({session.denoiser.profile.label}, rank {spec.network.rank}, alpha {spec.network.alpha:g})"
         record = TrainingRecord(History.from_dict(session.history.to_dict()), diagnosis, session.lr_plan(until), title)
         info = {"history": chart_points(session.history), "diagnosis": {"verdict": diagnosis.verdict, "headline": diagnosis.headline, "advice": list(diagnosis.advice)}, "notes": notes, "step": session.step, "total": until}

@@ -310,7 +310,6 @@ class ComfyDenoiser:
         self.text_encoder = text_encoder  # set when the text-encoder LoRA trains: captions are encoded each step
         self.model = patcher.model
         self.profile = detect(self.model)
-        self.family = self.profile.key
         self.prediction = prediction_type(self.model)
         self.model_sampling = self.model.model_sampling
         self.device = comfy.model_management.get_torch_device()

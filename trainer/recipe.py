@@ -32,6 +32,7 @@ Public API:
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Callable, Mapping
 
 import torch
@@ -103,8 +104,7 @@ def model_examples(denoiser, examples: list[Example]) -> list[Example]:
     out = []
     for ex in examples:
         latents = [latent_in(lat[None].clone().float())[0] for lat in ex.latents]
-        conds = [_fresh(c) for c in ex.conds]
-        out.append(Example(latents, conds, ex.repeats, ex.name, dict(ex.extra), ex.loss_weight, ex.regularisation))
+        out.append(replace(ex, latents=latents, conds=[_fresh(c) for c in ex.conds], extra=dict(ex.extra)))
     return out
 
 
